@@ -1,0 +1,1 @@
+"""handbackprop's benchmarks: scripts that print and save ratios (see benchmarks/README.md)."""

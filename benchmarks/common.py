@@ -1,0 +1,101 @@
+"""Shared benchmark protocol (DESIGN.md section 5, after the JAX docs' "Benchmarking JAX code").
+
+Jit the outermost function, time the first (compiling) call separately, ``block_until_ready``
+every result, report the median (and spread) of at least 20 repeats, and compare variants as
+ratios measured in the same process on the same shapes. Every result file records the
+jax/jaxlib versions, the device, the thread count and the date.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+
+RESULTS = pathlib.Path(os.environ.get("HANDBACKPROP_RESULTS", "benchmarks/results"))
+
+
+def environment() -> dict:
+    """What the figures were measured on."""
+    import jaxlib
+
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def timeit(fn, *args, repeats=20) -> dict:
+    """Time ``fn(*args)`` (already jitted): compile call apart, then ``repeats`` timed calls.
+
+    Returns:
+      ``{"compile_s", "median_s", "min_s", "max_s", "iqr_s", "repeats"}``.
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "compile_s": compile_s,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "iqr_s": q[2] - q[0],
+        "repeats": repeats,
+    }
+
+
+def timeit_interleaved(fns: dict, *args, repeats=20) -> dict:
+    """Time several jitted variants of one computation, interleaving their repeats so that
+    a noisy neighbour slows them all alike. Returns ``{name: timeit-style dict}``."""
+    out, times = {}, {k: [] for k in fns}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        out[k] = {"compile_s": time.perf_counter() - t0}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[k].append(time.perf_counter() - t0)
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        out[k].update(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts),
+                      iqr_s=q[2] - q[0], repeats=repeats)
+    return out
+
+
+def save(name: str, result: dict, results_dir=None) -> pathlib.Path:
+    """Write ``{"benchmark": name, "environment": ..., **result}`` to ``<results>/<name>.json``."""
+    folder = pathlib.Path(results_dir or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    payload = {"benchmark": name, "environment": environment(), **result}
+    path.write_text(json.dumps(payload, indent=2, default=float))
+    return path
+
+
+def markdown_table(rows: list, columns: list) -> str:
+    """A Markdown table of ``rows`` (dicts) with the given ``(key, header, format)`` columns."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
