@@ -74,7 +74,7 @@ class MLP:
         set_("sizes", sizes)
         loss = _losses.get(self.loss)
         hidden = len(sizes) - 2
-        if _is_single_activation(self.activation):
+        if _is_single_activation(self.activation) or not isinstance(self.activation, (tuple, list)):
             _activations.get(self.activation)
         else:
             acts = tuple(self.activation)

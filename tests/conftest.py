@@ -1,7 +1,57 @@
-"""Test configuration: float64 available, rank promotion an error (a (n,1) vs (n,) slip
-fails loudly), one CPU device for this process."""
+"""Test configuration and shared helpers.
+
+float64 is enabled and rank promotion is an error (a (n,1) vs (n,) slip fails loudly); the
+process keeps one CPU device (multi-device tests run in subprocesses).
+"""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import handbackprop as hbp  # noqa: E402
+
+LOSSES = ("squared_error", "binary_cross_entropy", "softmax_cross_entropy")
+ACTIVATIONS = ("identity", "logistic", "tanh", "relu", "leaky_relu", "softplus", "elu")
+
+
+def make_labels(key, loss, batch, k, dtype=jnp.float64):
+    """Labels that fit ``loss``: real targets, 0/1 targets, or integer classes."""
+    if loss == "squared_error":
+        return jax.random.normal(key, (batch, k), dtype)
+    if loss == "binary_cross_entropy":
+        return jax.random.bernoulli(key, 0.5, (batch, k)).astype(dtype)
+    return jax.random.randint(key, (batch,), 0, k)
+
+
+def make_problem(net, batch, seed=0, dtype=jnp.float64):
+    """Random params (non-zero biases, so the bias path is exercised), inputs and labels."""
+    kp, kb, kx, ky = jax.random.split(jax.random.key(seed), 4)
+    params = hbp.init_params(kp, net, dtype)
+    if net.bias:
+        keys = jax.random.split(kb, net.num_layers)
+        params = tuple(
+            {"w": p["w"], "b": 0.3 * jax.random.normal(k, p["b"].shape, dtype)}
+            for p, k in zip(params, keys)
+        )
+    x = jax.random.normal(kx, (batch, net.sizes[0]), dtype)
+    y = make_labels(ky, net.loss, batch, net.sizes[-1], dtype)
+    return params, x, y
+
+
+def assert_trees_close(actual, expected, rtol, atol, what=""):
+    """Leaf by leaf ``|a - e| <= atol + rtol |e|``, with matching structure, shapes and dtypes
+    of ``actual`` against ``expected`` where ``expected`` holds JAX arrays."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+    for path, a, e in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0],
+        jax.tree.leaves(actual),
+        jax.tree.leaves(expected),
+    ):
+        assert np.shape(a) == np.shape(e), (what, path[0], np.shape(a), np.shape(e))
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
+            err_msg=f"{what} at {jax.tree_util.keystr(path[0])}",
+        )
