@@ -100,7 +100,7 @@ def value_and_backprop(net: MLP, params, x, y):
     """
     cache = forward_cache(net, params, x)
     y = check_y(net, cache.xs[0], y)
-    scale = 1.0 / x.shape[0] if net.reduction == "mean" else 1.0
+    scale = 1.0 / cache.xs[0].shape[0] if net.reduction == "mean" else 1.0
     ds = delta_recursion(net, params, cache, y, scale)
     grads = []
     for layer, x_prev, delta in zip(params, cache.xs[:-1], ds):
