@@ -1,0 +1,188 @@
+"""Per-example gradients, norms, clipped sums and statistics against materialised oracles.
+
+Oracles: ``jax.vmap(jax.grad)`` of one example's own loss, a loop of batch-size-1 ``backprop``
+calls, and plain NumPy-style reductions of the materialised per-example gradients.
+
+Tolerances. In float64 the closed forms and the oracles evaluate the same sums in different
+orders (e.g. ``sum_l ||d||^2 (||x||^2 + 1)`` against a sum over all parameters): a few ulps of
+the largest partial sum, so rtol = 1e-10 with atol = 1e-12 (values here are O(1e-3..10)) is
+tight yet safe. float32 is compared with the float64 result: a few dozen rounded operations
+of eps32 ~ 6e-8 each on O(1) values, so rtol = 1e-4 with an absolute floor keeps ~100x margin.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ACTIVATIONS, LOSSES, assert_trees_close, make_problem
+
+import handbackprop as hbp
+
+EXACT64 = dict(rtol=1e-10, atol=1e-12)
+F32 = dict(rtol=1e-4, atol=1e-5)
+SIZES = (4, 5, 3, 3)  # two hidden layers: the inductive step runs twice
+
+
+def _single(net):
+    """One example's own loss: a sum over a batch of one, without the L2 term."""
+    return dataclasses.replace(net, l2=0.0, reduction="sum")
+
+
+def _vmap_grad(net, params, x, y):
+    """The oracle a JAX user writes today: jax.vmap of jax.grad of each example's loss."""
+    single = _single(net)
+    e = lambda p, xb, yb: hbp.loss(single, p, xb[None], yb[None])  # noqa: E731
+    return jax.vmap(jax.grad(e), in_axes=(None, 0, 0))(params, x, y)
+
+
+def _loop(net, params, x, y):
+    """The slowest oracle: B separate batch-size-1 backprop calls, stacked."""
+    grads = [hbp.backprop(_single(net), params, x[b : b + 1], y[b : b + 1]) for b in range(len(x))]
+    return jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+
+def _flat(tree):
+    """Per-example gradients as rows: (B, number of parameters)."""
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(tree)], 1)
+
+
+def _net(activation="tanh", loss="squared_error", bias=True, l2=0.1, **kw):
+    return hbp.MLP(SIZES, activation=activation, loss=loss, bias=bias, l2=l2, **kw)
+
+
+CASES = [(a, loss, None) for a in ACTIVATIONS for loss in LOSSES] + [
+    ("relu", "squared_error", "tanh"),  # general base case: (o - y) g'(S)
+    ("relu", "squared_error", "softmax"),  # base case through the softmax Jacobian
+]
+
+
+@pytest.mark.parametrize("activation, loss, output_activation", CASES)
+def test_per_example_grads_equal_vmap_grad_and_loop(activation, loss, output_activation):
+    for bias in (True, False):
+        net = _net(activation, loss, bias, output_activation=output_activation)
+        for batch in (1, 9):
+            params, x, y = make_problem(net, batch, seed=batch + bias)
+            oracle = _vmap_grad(net, params, x, y)
+            assert_trees_close(_loop(net, params, x, y), oracle, **EXACT64, what="loop")
+            for method in ("outer", "vmap"):
+                what = f"{method}, bias={bias}, B={batch}"
+                g = hbp.per_example_grads(net, params, x, y, method=method)
+                assert_trees_close(g, oracle, **EXACT64, what=what)
+                # Mean plus the L2 term is the batch gradient (net.reduction is "mean").
+                mean = jax.tree.map(lambda a: jnp.mean(a, axis=0), g)
+                mean = tuple({**m, "w": m["w"] + net.l2 * p["w"]} for m, p in zip(mean, params))
+                assert_trees_close(mean, hbp.backprop(net, params, x, y), **EXACT64, what=what)
+
+
+@pytest.mark.parametrize("bias", (True, False))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_norms_clipping_and_stats_equal_materialised(loss, bias):
+    net = _net("elu", loss, bias)
+    params, x, y = make_problem(net, 9, seed=3)
+    g = _vmap_grad(net, params, x, y)
+    rows = _flat(g)
+    norms = jnp.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(hbp.per_example_grad_norms(net, params, x, y), norms, **EXACT64)
+
+    clip = float(jnp.median(norms))  # about half the examples are clipped
+    scale = jnp.minimum(1.0, clip / norms)
+    clipped = jax.tree.map(lambda a: scale.reshape((-1,) + (1,) * (a.ndim - 1)) * a, g)
+    assert np.all(np.linalg.norm(_flat(clipped), axis=1) <= clip * (1 + 1e-12))
+    assert 0 < np.sum(norms > clip) < len(norms)
+    out = hbp.clipped_grad(net, params, x, y, clip)
+    assert_trees_close(out.sum, jax.tree.map(lambda a: jnp.sum(a, 0), clipped), **EXACT64)
+    assert_trees_close(out.mean, jax.tree.map(lambda a: jnp.mean(a, 0), clipped), **EXACT64)
+    np.testing.assert_allclose(out.norms, norms, **EXACT64)
+
+    # A bound above every norm clips nothing: the plain sum.
+    unclipped = hbp.clipped_grad(net, params, x, y, 2 * float(jnp.max(norms)))
+    assert_trees_close(unclipped.sum, jax.tree.map(lambda a: jnp.sum(a, 0), g), **EXACT64)
+
+    stats = hbp.gradient_stats(net, params, x, y)
+    assert_trees_close(stats.mean, jax.tree.map(lambda a: jnp.mean(a, 0), g), **EXACT64)
+    assert_trees_close(stats.sum_squares, jax.tree.map(lambda a: jnp.sum(a * a, 0), g), **EXACT64)
+    # The one-pass variance cancels sum_squares / B against mean^2, both O(1) here: an
+    # absolute error of a few ulps of those, so atol 1e-12 rather than a relative bound.
+    assert_trees_close(stats.variance, jax.tree.map(lambda a: jnp.var(a, 0), g),
+                       rtol=1e-9, atol=1e-12)
+
+
+def test_zero_gradient_is_safe():
+    """Targets equal to the outputs: every g_b = 0, norm 0, and no NaN even in jax.grad."""
+    net = _net("tanh", "squared_error", l2=0.0)
+    params, x, _ = make_problem(net, 4, seed=1)
+    y = hbp.forward(net, params, x).at[0].add(1.0)  # example 0 has a gradient, 1..3 have none
+    norms = hbp.per_example_grad_norms(net, params, x, y)
+    assert norms[0] > 0 and np.all(np.asarray(norms[1:]) == 0)
+
+    @jax.jit
+    def f(p):  # differentiate through both the norms and the clipping factors
+        c = hbp.clipped_grad(net, p, x, y, 0.1)
+        return jnp.sum(c.norms) + sum(jnp.sum(leaf) for leaf in jax.tree.leaves(c.sum)), c
+
+    (_, out), grad = jax.value_and_grad(f, has_aux=True)(params)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((out, grad)))
+
+
+def test_norms_are_differentiable():
+    """jax.grad through the closed-form norms equals jax.grad through materialised ones."""
+    net = _net("softplus", "softmax_cross_entropy")
+    params, x, y = make_problem(net, 5, seed=2)
+    closed = lambda p: jnp.sum(hbp.per_example_grad_norms(net, p, x, y) ** 3)  # noqa: E731
+    materialised = lambda p: jnp.sum(  # noqa: E731
+        jnp.linalg.norm(_flat(hbp.per_example_grads(net, p, x, y)), axis=1) ** 3
+    )
+    grad = lambda f: jax.jit(jax.grad(f))(params)  # noqa: E731  (one compile beats eager)
+    assert_trees_close(grad(closed), grad(materialised), **EXACT64)
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.float64))
+def test_jit_and_dtypes(dtype):
+    net = _net("relu", "softmax_cross_entropy")
+    params64, x64, y = make_problem(net, 6, seed=4)
+    params, x = jax.tree.map(lambda a: a.astype(dtype), (params64, x64))
+
+    @jax.jit  # one compile for everything; net is a closure constant, i.e. static
+    def everything(params, x, y, clip):
+        return (
+            hbp.per_example_grads(net, params, x, y, method="outer"),
+            hbp.per_example_grads(net, params, x, y, method="vmap"),
+            hbp.per_example_grad_norms(net, params, x, y),
+            hbp.clipped_grad(net, params, x, y, 0.5),  # a constant: value-checked
+            hbp.clipped_grad(net, params, x, y, clip),  # traced: shape-checked only
+            hbp.gradient_stats(net, params, x, y),
+        )
+
+    got = everything(params, x, y, 0.5)
+    clipped = hbp.clipped_grad(net, params64, x64, y, 0.5)
+    g = hbp.per_example_grads(net, params64, x64, y)
+    norms = hbp.per_example_grad_norms(net, params64, x64, y)
+    want = (g, g, norms, clipped, clipped, hbp.gradient_stats(net, params64, x64, y))
+    assert_trees_close(got, want, **(F32 if dtype == jnp.float32 else EXACT64))
+    assert all(a.dtype == dtype for a in jax.tree.leaves(got))
+
+
+def test_errors_name_the_argument():
+    net = _net()
+    params, x, y = make_problem(net, 3)
+    with pytest.raises(ValueError, match=r"method: expected one of \('outer', 'vmap'\), got 'loop'"):
+        hbp.per_example_grads(net, params, x, y, method="loop")
+    for bad, msg in ((-1.0, "got -1.0"), (0, "got 0.0"), (float("nan"), "got nan"),
+                     (float("inf"), "got inf"), (jnp.array(-2.0), "got -2.0")):
+        with pytest.raises(ValueError, match="clip_norm: expected a positive finite number, " + msg):
+            hbp.clipped_grad(net, params, x, y, bad)
+    for bad in ("1", True, jnp.ones(2), None, 1j):
+        with pytest.raises(TypeError, match="clip_norm: expected a positive finite number"):
+            hbp.clipped_grad(net, params, x, y, bad)
+    # Traced: the value is unknown at trace time, the shape is checked.
+    traced = jax.jit(hbp.clipped_grad, static_argnums=0)
+    with pytest.raises(TypeError, match="clip_norm: expected a positive finite number"):
+        traced(net, params, x, y, jnp.ones(2))
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 4\), got \(3, 5\)"):
+        hbp.per_example_grad_norms(net, params, jnp.ones((3, 5)), y)
+    with pytest.raises(ValueError, match="y: squared_error expects"):
+        hbp.gradient_stats(net, params, x, y[:2])
+    with pytest.raises(ValueError, match="y: squared_error expects"):
+        hbp.per_example_grads(net, params, x, y[:2], method="vmap")
