@@ -2,7 +2,9 @@
 
 Jit the outermost function, time the first (compiling) call separately, ``block_until_ready``
 every result, report the median (and spread) of at least 20 repeats, and compare variants as
-ratios measured in the same process on the same shapes. Every result file records the
+ratios measured in the same process on the same shapes. Every timing records ``recompiled``:
+whether JAX traced or compiled anything during the timed repeats (it must be ``False``: a
+steady-state time that includes compilation is wrong). Every result file records the
 jax/jaxlib versions, the device, the thread count and the date.
 """
 
@@ -13,10 +15,53 @@ import pathlib
 import platform
 import statistics
 import time
+import warnings
 
 import jax
+import jax.monitoring
 
 RESULTS = pathlib.Path(os.environ.get("HANDBACKPROP_RESULTS", "benchmarks/results"))
+
+
+# Every trace and backend compilation in this process, counted through jax.monitoring's events,
+# so that a timing can check that its repeats compiled nothing (any function: jitted or not).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+_compiles = [0]
+
+
+def _count_compiles(event, duration_secs, **kwargs):
+    if event in _COMPILE_EVENTS:
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def compile_count() -> int:
+    """How many traces and compilations JAX has done in this process so far."""
+    return _compiles[0]
+
+
+def device_scale() -> int:
+    """How much larger default sizes should be on this backend: 1 on CPU, 8 on GPU or TPU.
+
+    ``HANDBACKPROP_BENCH_SCALE`` overrides it (e.g. ``=1`` for CPU sizes on a GPU).
+    """
+    if "HANDBACKPROP_BENCH_SCALE" in os.environ:
+        return int(os.environ["HANDBACKPROP_BENCH_SCALE"])
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
+def _spread(times: list, recompiled: bool) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "iqr_s": q[2] - q[0],
+        "repeats": len(times),
+        "recompiled": recompiled,
+    }
 
 
 def environment() -> dict:
@@ -42,44 +87,32 @@ def timeit(fn, *args, repeats=20) -> dict:
     """Time ``fn(*args)`` (already jitted): compile call apart, then ``repeats`` timed calls.
 
     Returns:
-      ``{"compile_s", "median_s", "min_s", "max_s", "iqr_s", "repeats"}``.
+      ``{"compile_s", "median_s", "min_s", "max_s", "iqr_s", "repeats", "recompiled"}``:
+      ``compile_s`` is the first call (trace, compile and one run); ``recompiled`` is whether
+      anything was traced or compiled during the timed calls.
     """
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {
-        "compile_s": compile_s,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "iqr_s": q[2] - q[0],
-        "repeats": repeats,
-    }
+    return timeit_interleaved({"fn": fn}, *args, repeats=repeats)["fn"]
 
 
 def timeit_interleaved(fns: dict, *args, repeats=20) -> dict:
     """Time several jitted variants of one computation, interleaving their repeats so that
     a noisy neighbour slows them all alike. Returns ``{name: timeit-style dict}``."""
-    out, times = {}, {k: [] for k in fns}
+    out, times, recompiled = {}, {k: [] for k in fns}, dict.fromkeys(fns, False)
     for k, f in fns.items():
         t0 = time.perf_counter()
         jax.block_until_ready(f(*args))
         out[k] = {"compile_s": time.perf_counter() - t0}
     for _ in range(repeats):
         for k, f in fns.items():
+            compiles = compile_count()
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[k].append(time.perf_counter() - t0)
+            recompiled[k] |= compile_count() > compiles
     for k, ts in times.items():
-        q = statistics.quantiles(ts, n=4)
-        out[k].update(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts),
-                      iqr_s=q[2] - q[0], repeats=repeats)
+        if recompiled[k]:
+            warnings.warn(f"{k}: JAX traced or compiled during the timed repeats; its times include it")
+        out[k].update(_spread(ts, recompiled[k]))
     return out
 
 

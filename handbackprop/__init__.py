@@ -5,7 +5,11 @@ checked against ``jax.grad``, finite differences and a literal NumPy reference.
 """
 
 from handbackprop import activations
+from handbackprop import checkpoint
+from handbackprop import data
 from handbackprop import losses
+from handbackprop import parallel
+from handbackprop import train
 from handbackprop.activations import Activation
 from handbackprop.backprop import backprop
 from handbackprop.backprop import delta_recursion
@@ -15,18 +19,36 @@ from handbackprop.backprop import value_and_backprop
 from handbackprop.dp import dp_epsilon
 from handbackprop.dp import dp_grad
 from handbackprop.dp import dp_sgd_step
+from handbackprop.finite_diff import numerical_grad
 from handbackprop.losses import Loss
 from handbackprop.mlp import MLP
 from handbackprop.mlp import Cache
 from handbackprop.mlp import forward
 from handbackprop.mlp import forward_cache
 from handbackprop.mlp import init_params
+from handbackprop.parallel import data_parallel_mesh
+from handbackprop.parallel import sharded_backprop
+from handbackprop.parallel import sharded_clipped_grad
+from handbackprop.parallel import sharded_dp_grad
+from handbackprop.parallel import sharded_value_and_backprop
 from handbackprop.per_example import ClippedGrad
 from handbackprop.per_example import GradientStats
 from handbackprop.per_example import clipped_grad
 from handbackprop.per_example import gradient_stats
 from handbackprop.per_example import per_example_grad_norms
 from handbackprop.per_example import per_example_grads
+from handbackprop.train import Optimizer
+from handbackprop.train import SGDState
+from handbackprop.train import TrainState
+from handbackprop.train import apply_updates
+from handbackprop.train import evaluate
+from handbackprop.train import fit
+from handbackprop.train import init_state
+from handbackprop.train import sgd
+from handbackprop.train import train_epoch
+from handbackprop.verify import GradientReport
+from handbackprop.verify import check_backprop
+from handbackprop.verify import verify_gradient
 
 __version__ = "0.1.0"
 
@@ -34,24 +56,46 @@ __all__ = (
     "Activation",
     "Cache",
     "ClippedGrad",
+    "GradientReport",
     "GradientStats",
     "Loss",
     "MLP",
+    "Optimizer",
+    "SGDState",
+    "TrainState",
     "activations",
+    "apply_updates",
     "backprop",
+    "check_backprop",
+    "checkpoint",
     "clipped_grad",
+    "data",
+    "data_parallel_mesh",
     "delta_recursion",
     "deltas",
     "dp_epsilon",
     "dp_grad",
     "dp_sgd_step",
+    "evaluate",
+    "fit",
     "forward",
     "forward_cache",
     "gradient_stats",
     "init_params",
+    "init_state",
     "loss",
     "losses",
+    "numerical_grad",
+    "parallel",
     "per_example_grad_norms",
     "per_example_grads",
+    "sgd",
+    "sharded_backprop",
+    "sharded_clipped_grad",
+    "sharded_dp_grad",
+    "sharded_value_and_backprop",
+    "train",
+    "train_epoch",
     "value_and_backprop",
+    "verify_gradient",
 )

@@ -1,13 +1,15 @@
 """The ``handbackprop`` command.
 
-    python -m handbackprop            # the default command (demo)
+    python -m handbackprop            # the default command (train on digits)
+    python -m handbackprop train      # mini-batch SGD on a data set; see train --help
     python -m handbackprop demo       # hand backprop vs jax.grad and finite differences
+    python -m handbackprop verify     # the full gradient report; exit status 1 on failure
 """
 
 import argparse
 import sys
 
-DEFAULT_COMMAND = "demo"
+DEFAULT_COMMAND = "train"
 
 
 def _demo(args) -> int:
@@ -42,6 +44,32 @@ def _demo(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    import json
+
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import handbackprop as hbp
+
+    dtype = jnp.dtype(args.dtype)
+    net = hbp.MLP(tuple(args.sizes), activation=args.activation, loss=args.loss)
+    kp, kx, ky, kd = jax.random.split(jax.random.key(args.seed), 4)
+    params = hbp.init_params(kp, net, dtype)
+    x = jax.random.normal(kx, (args.batch, net.sizes[0]), dtype)
+    k = net.sizes[-1]
+    y = {"squared_error": lambda: jax.random.normal(ky, (args.batch, k), dtype),
+         "binary_cross_entropy": lambda: jax.random.bernoulli(ky, 0.5, (args.batch, k)).astype(dtype),
+         "softmax_cross_entropy": lambda: jax.random.randint(ky, (args.batch,), 0, k)}[net.loss]()
+    report = hbp.check_backprop(net, params, x, y, key=kd, num_directions=args.directions,
+                                exhaustive=args.exhaustive)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.ok else 1
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="handbackprop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +81,26 @@ def _parser():
     demo.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     demo.set_defaults(func=_demo)
+    verify = sub.add_parser("verify", help="check backprop against jax.grad and finite differences")
+    verify.add_argument("--sizes", type=lambda s: [int(d) for d in s.split(",")], default=[64, 32, 10],
+                        help="layer sizes d0,...,dL (default 64,32,10)")
+    verify.add_argument("--activation", default="tanh", help="hidden activation (default tanh)")
+    verify.add_argument("--loss", default="squared_error",
+                        choices=["squared_error", "binary_cross_entropy", "softmax_cross_entropy"])
+    verify.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    verify.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    verify.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    verify.add_argument("--directions", type=int, default=8, help="random directions per leaf (default 8)")
+    verify.add_argument("--exhaustive", action=argparse.BooleanOptionalAction, default=None,
+                        help="check every coordinate (default: up to 4096 parameters)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=_verify)
+    from handbackprop import train_command
+    train = sub.add_parser("train", help="mini-batch SGD on a data set (the default command)",
+                           description=train_command.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_command.add_arguments(train)
+    train.set_defaults(func=train_command.main)
     return parser
 
 

@@ -70,8 +70,15 @@ def dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier):
     check_scalar("noise_multiplier", noise_multiplier, strict=False)
     _check_key(key)
     clipped = clipped_grad(net, params, x, y, clip_norm)
-    batch = clipped.norms.shape[0]
-    leaves, tree = jax.tree.flatten(clipped.sum)
+    return _noisy_mean(net, params, clipped.sum, clipped.norms.shape[0], key, clip_norm,
+                       noise_multiplier)
+
+
+def _noisy_mean(net, params, clipped_sum, batch, key, clip_norm, noise_multiplier):
+    """``(clipped_sum + N(0, (sigma C)^2 I)) / B + l2 W``: DP-SGD's gradient from its clipped
+    sum (shared with :func:`handbackprop.parallel.sharded_dp_grad`, whose sum is reduced
+    across devices first)."""
+    leaves, tree = jax.tree.flatten(clipped_sum)
     std = noise_multiplier * clip_norm  # the sum's sensitivity to one example is C
     noisy = [
         (g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype)) / batch

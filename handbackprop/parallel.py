@@ -1,0 +1,275 @@
+"""Data parallelism: the batch split over a device mesh, parameters replicated, with JAX's own
+sharding (``jax.sharding.Mesh``, ``NamedSharding``, ``jax.shard_map``).
+
+Each device runs the hand-written delta recursion on its own slice of the batch; one explicit
+collective then combines the slices. For a batch split into n equal shards k = 1..n of B/n:
+
+    gradient (mean)   dE/dW = (1/n) sum_k dE_k/dW           jax.lax.pmean   (each E_k a shard mean)
+    gradient (sum)    dE/dW = sum_k dE_k/dW                 jax.lax.psum
+    clipped sum       sum_b c_b g_b = sum_k sum_{b in k} c_b g_b    jax.lax.psum
+
+The L2 term ``l2 W`` does not depend on the data: it is added once, after the reduction. In
+DP-SGD every example is clipped on the device that holds it, the clipped sums are ``psum``-ed,
+and the Gaussian noise is drawn once from the caller's key on the reduced sum: the result is
+:func:`handbackprop.dp_grad`'s with the same key, up to the summation order's rounding.
+
+The same code runs on one host's devices (several GPUs, or CPU devices made with
+:func:`initialize`'s ``devices``) and on several processes (``jax.distributed``): the mesh
+then holds every process's devices and the collectives cross hosts. In several processes,
+every process must make the same calls with the same values, as JAX's multi-controller
+model requires; :func:`replicate` and :func:`shard_batch` place host values on the mesh.
+"""
+
+import dataclasses
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from handbackprop import dp as _dp
+from handbackprop import per_example as _per_example
+from handbackprop.backprop import _l2_penalty, value_and_backprop
+from handbackprop.mlp import MLP, check_x, check_y
+
+AXIS = "data"  # the mesh axis the batch is split over
+
+
+def initialize(devices=None, coordinator=None, num_processes=None, process_id=None):
+    """Set the CPU device count and join a multi-process run; before any JAX computation.
+
+    Both must happen before JAX starts its backends (its first computation, or a call such as
+    ``jax.devices()``); JAX raises if the device count comes too late.
+
+    Args:
+      devices: the number of CPU devices to make on this host (``jax_num_cpu_devices``, the
+        same as ``XLA_FLAGS=--xla_force_host_platform_device_count``). Only the CPU backend
+        uses it: on a GPU machine the real GPUs are the devices and this changes nothing.
+      coordinator: ``"host:port"`` of process 0, for ``jax.distributed.initialize``; CPU
+        processes talk through the ``gloo`` collectives. ``None``: a single process.
+      num_processes: the number of processes, with ``coordinator``.
+      process_id: this process's index in ``[0, num_processes)``, with ``coordinator``.
+
+    Raises:
+      ValueError: naming the argument, for a bad value or a missing companion.
+    """
+    if devices is not None:
+        _check_count("devices", devices)
+        jax.config.update("jax_num_cpu_devices", int(devices))
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: a multi-process run needs coordinator, "
+                         f"num_processes and process_id, got {given}")
+    _check_count("num_processes", num_processes)
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id: expected an int in [0, {num_processes}), got {process_id!r}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default, made explicit
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def _check_count(name, value):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def data_parallel_mesh(num_devices=None) -> Mesh:
+    """A one-axis mesh, ``"data"``, over the devices of every process.
+
+    Args:
+      num_devices: how many devices, all of them if ``None``. With several processes, a
+        multiple of the process count: each process gives the same number of its own.
+
+    Returns:
+      A ``jax.sharding.Mesh`` with the single axis :data:`AXIS` (``"data"``).
+
+    Raises:
+      ValueError: ``num_devices: asked for 4 devices, there are 1 (cpu)``, and the like.
+
+    Example:
+      >>> import handbackprop as hbp
+      >>> dict(hbp.data_parallel_mesh(1).shape)
+      {'data': 1}
+    """
+    devices, processes = jax.devices(), jax.process_count()
+    if num_devices is None:
+        num_devices = len(devices)
+    num_devices = _check_count("num_devices", num_devices)
+    if num_devices > len(devices):
+        raise ValueError(f"num_devices: asked for {num_devices} devices, there are {len(devices)} "
+                         f"({jax.default_backend()})")
+    if num_devices % processes:
+        raise ValueError(f"num_devices: {num_devices} devices cannot be shared equally by the "
+                         f"{processes} processes")
+    per_process = num_devices // processes
+    chosen = [d for p in range(processes)
+              for d in [d for d in devices if d.process_index == p][:per_process]]
+    return Mesh(np.array(chosen), (AXIS,))
+
+
+def _check_mesh(mesh):
+    if not isinstance(mesh, Mesh) or AXIS not in mesh.axis_names:
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh with a {AXIS!r} axis "
+                        f"(see data_parallel_mesh), got {mesh!r}")
+    return mesh.shape[AXIS]
+
+
+def check_batch(name, batch, mesh):
+    """Raise unless a batch of ``batch`` examples splits evenly over the mesh's ``"data"`` axis."""
+    n = _check_mesh(mesh)
+    if batch % n:
+        raise ValueError(f"{name}: batch size {batch} is not divisible by the {n} devices of "
+                         f"the mesh")
+
+
+def _place(tree, sharding):
+    """``jax.device_put`` of every leaf; typed PRNG keys go as their raw data (``device_put``
+    does not place a typed key on devices of other processes)."""
+    def put(a):
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(a), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return jax.device_put(a, sharding)
+    return jax.tree.map(put, tree)
+
+
+def replicate(tree, mesh):
+    """Every leaf of ``tree`` (parameters, optimiser state, keys, a small data set) copied to
+    every device of the mesh. With several processes, each must pass the same values."""
+    _check_mesh(mesh)
+    return _place(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(tree, mesh):
+    """Every leaf split along its first axis over the mesh's ``"data"`` axis.
+
+    With several processes, each passes the whole (same) batch and keeps its devices' rows.
+
+    Raises:
+      ValueError: ``x: batch size 10 is not divisible by the 4 devices of the mesh``
+        (the leaf's path names it).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path).strip("[]'") or "batch"
+        check_batch(name, np.shape(leaf)[0] if np.ndim(leaf) else 0, mesh)
+    return _place(tree, NamedSharding(mesh, P(AXIS)))
+
+
+def _check_inputs(net, params, x, y, mesh):
+    """Global checks, before shard_map slices the batch: messages name the whole batch."""
+    x = check_x(net, params, x)
+    y = check_y(net, x, y)
+    check_batch("x", x.shape[0], mesh)
+    return x, y
+
+
+def sharded_value_and_backprop(net: MLP, params, x, y, mesh):
+    """:func:`handbackprop.value_and_backprop` with the batch split over ``mesh``.
+
+    Each device runs the delta recursion on its B/n examples, without L2; the shards'
+    losses and gradients are combined by ``pmean`` (``reduction="mean"``: each shard's is a
+    mean over B/n) or ``psum`` (``"sum"``), and the L2 term is added once.
+
+    Args:
+      net: the network (static under ``jax.jit``).
+      params: its parameters, replicated (or placed by JAX).
+      x: inputs, (B, d0), B divisible by the mesh's device count.
+      y: labels for ``net.loss`` (see :func:`handbackprop.loss`).
+      mesh: a mesh with a ``"data"`` axis (:func:`data_parallel_mesh`); static under jit.
+
+    Returns:
+      ``(loss, grads)``, as :func:`handbackprop.value_and_backprop`, replicated.
+
+    Raises:
+      ValueError: ``x: batch size 10 is not divisible by the 4 devices of the mesh``, and
+        the usual checks of ``params``, ``x`` and ``y``, before any computation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, handbackprop as hbp
+      >>> net, mesh = hbp.MLP((3, 4, 2)), hbp.data_parallel_mesh()
+      >>> params = hbp.init_params(jax.random.key(0), net)
+      >>> loss, grads = hbp.sharded_value_and_backprop(net, params, jnp.ones((8, 3)),
+      ...                                              jnp.zeros((8, 2)), mesh)
+      >>> jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+      True
+    """
+    x, y = _check_inputs(net, params, x, y, mesh)
+    local = dataclasses.replace(net, l2=0.0)
+    reduce = jax.lax.pmean if net.reduction == "mean" else jax.lax.psum
+
+    def shard(params, x, y):  # this device's B/n examples
+        value, grads = value_and_backprop(local, params, x, y)
+        return reduce(value, AXIS), reduce(grads, AXIS)  # the one collective of the step
+
+    value, grads = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                                 out_specs=(P(), P()))(params, x, y)
+    if not net.l2:
+        return value, grads
+    grads = tuple({**g, "w": g["w"] + net.l2 * p["w"]} for g, p in zip(grads, params))
+    return value + _l2_penalty(net, params), grads
+
+
+def sharded_backprop(net: MLP, params, x, y, mesh):
+    """The gradient of :func:`handbackprop.loss`, the batch split over ``mesh``
+    (see :func:`sharded_value_and_backprop`)."""
+    return sharded_value_and_backprop(net, params, x, y, mesh)[1]
+
+
+def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_example.ClippedGrad:
+    """:func:`handbackprop.clipped_grad` with the batch split over ``mesh``.
+
+    Every device clips its own examples' gradients (their norms need nothing from other
+    devices) and forms their clipped sum; the sums are ``psum``-ed.
+
+    Args:
+      net, params, x, y, clip_norm: as for :func:`handbackprop.clipped_grad`.
+      mesh: a mesh with a ``"data"`` axis; static under jit.
+
+    Returns:
+      A :class:`handbackprop.ClippedGrad` ``(sum, mean, norms)``: ``sum`` and ``mean``
+      replicated, ``norms`` (B,) split over the mesh like the batch.
+
+    Raises:
+      ValueError: as :func:`sharded_value_and_backprop`, and for a bad ``clip_norm``.
+    """
+    _per_example.check_scalar("clip_norm", clip_norm)
+    x, y = _check_inputs(net, params, x, y, mesh)
+
+    def shard(params, x, y, clip_norm):
+        clipped = _per_example.clipped_grad(net, params, x, y, clip_norm)
+        return jax.lax.psum(clipped.sum, AXIS), clipped.norms
+
+    total, norms = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
+                                 out_specs=(P(), P(AXIS)))(params, x, y, clip_norm)
+    mean = jax.tree.map(lambda g: g / x.shape[0], total)
+    return _per_example.ClippedGrad(total, mean, norms)
+
+
+def sharded_dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier, mesh):
+    """:func:`handbackprop.dp_grad` with the batch split over ``mesh``.
+
+    The clipped sum comes from :func:`sharded_clipped_grad`; the noise is drawn once, from
+    ``key``, on the reduced sum (every device draws the same numbers), so the result equals
+    :func:`handbackprop.dp_grad` with the same key up to the summation order's rounding.
+
+    Args:
+      net, params, x, y, key, clip_norm, noise_multiplier: as for :func:`handbackprop.dp_grad`.
+      mesh: a mesh with a ``"data"`` axis; static under jit.
+
+    Returns:
+      A tuple like ``params``, replicated.
+    """
+    _per_example.check_scalar("noise_multiplier", noise_multiplier, strict=False)
+    _dp._check_key(key)
+    clipped = sharded_clipped_grad(net, params, x, y, clip_norm, mesh)
+    return _dp._noisy_mean(net, params, clipped.sum, x.shape[0], key, clip_norm, noise_multiplier)

@@ -1,0 +1,378 @@
+"""Training: the note's three-step loop (loss, gradient, ``w <- w - eta grad``), compiled.
+
+- :func:`sgd` is an optimiser in the optax style: a pair of pure functions
+  ``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``, with
+  :func:`apply_updates` adding the updates. Any optax ``GradientTransformation``
+  (``optax.sgd``, ``optax.adam``, ...) fits the same slots.
+- :func:`train_epoch` shuffles with a PRNG key, then runs every mini-batch step as one
+  ``jax.lax.scan``: no Python runs per step.
+- :func:`evaluate` gives the loss and the task's metric; :func:`fit` runs the epochs, keeps a
+  per-epoch history and checks its inputs before any computation.
+
+Every gradient is :func:`handbackprop.value_and_backprop`'s, the hand-written delta recursion.
+"""
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from handbackprop import parallel
+from handbackprop.backprop import loss, value_and_backprop
+from handbackprop.mlp import MLP, forward, init_params
+
+
+class Optimizer(NamedTuple):
+    """A pair of pure functions, as ``optax.GradientTransformation``.
+
+    Attributes:
+      init: ``params -> state``.
+      update: ``(grads, state, params=None) -> (updates, state)``; the new parameters are
+        ``apply_updates(params, updates)``.
+    """
+
+    init: Callable
+    update: Callable
+
+
+class SGDState(NamedTuple):
+    """:func:`sgd`'s state.
+
+    Attributes:
+      count: int32 scalar, the number of steps taken: the schedule's argument.
+      trace: the momentum buffer, a pytree like the parameters; ``()`` without momentum.
+    """
+
+    count: jax.Array
+    trace: Any
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimizer:
+    """Stochastic gradient descent, with optional (Nesterov) momentum and schedule.
+
+    With step count t, learning rate eta_t and momentum mu, as ``optax.sgd``:
+
+        v <- g + mu v;   w <- w - eta_t v          (heavy ball)
+        v <- g + mu v;   w <- w - eta_t (g + mu v)  (Nesterov)
+
+    and ``w <- w - eta_t g`` without momentum, the note's update.
+
+    Args:
+      learning_rate: eta, a number > 0, or a schedule ``step -> eta`` (any callable of the
+        int32 step count, e.g. an optax schedule).
+      momentum: mu in [0, 1).
+      nesterov: use Nesterov momentum (needs momentum > 0).
+
+    Returns:
+      An :class:`Optimizer`.
+
+    Raises:
+      ValueError: for a non-positive learning rate or momentum outside [0, 1), raised here.
+
+    Example:
+      >>> opt = sgd(0.1)
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, state = opt.update({"w": jnp.ones(2)}, opt.init(params))
+      >>> apply_updates(params, updates)["w"]
+      Array([0.9, 0.9], dtype=float32)
+    """
+    if callable(learning_rate):
+        schedule = learning_rate
+    else:
+        _check_positive("learning_rate", learning_rate)
+        schedule = lambda count: learning_rate  # noqa: E731
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
+        0 <= momentum < 1
+    ):
+        raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+    if nesterov and not momentum:
+        raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+
+    def init(params):
+        trace = jax.tree.map(jnp.zeros_like, params) if momentum else ()
+        return SGDState(jnp.zeros([], jnp.int32), trace)
+
+    def update(grads, state, params=None):
+        del params  # part of the optax signature; plain SGD does not need it
+        if momentum:
+            trace = jax.tree.map(lambda g, v: g + momentum * v, grads, state.trace)
+            step = jax.tree.map(lambda g, v: g + momentum * v, grads, trace) if nesterov else trace
+        else:
+            trace, step = (), grads
+        eta = schedule(state.count)
+        # Cast eta to each leaf's dtype, so a float64 schedule cannot promote float32 params.
+        updates = jax.tree.map(lambda s: -jnp.asarray(eta, s.dtype) * s, step)
+        return updates, SGDState(state.count + 1, trace)
+
+    return Optimizer(init, update)
+
+
+def apply_updates(params, updates):
+    """``params + updates`` leaf by leaf (as ``optax.apply_updates``)."""
+    return jax.tree.map(lambda p, u: p + u, params, updates)
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from one epoch to the next.
+
+    Attributes:
+      params: the network's parameters.
+      opt_state: the optimiser's state.
+      key: a ``jax.random`` key, split once per epoch for the shuffle.
+    """
+
+    params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def init_state(key, net: MLP, optimizer, dtype=jnp.float32) -> TrainState:
+    """Fresh parameters (see :func:`handbackprop.init_params`), optimiser state and shuffle key.
+
+    Args:
+      key: a ``jax.random`` key; split into the initialisation key and the shuffle key.
+      net: the network.
+      optimizer: an :class:`Optimizer` or optax ``GradientTransformation``.
+      dtype: the parameters' floating dtype.
+    """
+    init_key, shuffle_key = jax.random.split(key)
+    params = init_params(init_key, net, dtype)
+    return TrainState(params, optimizer.init(params), shuffle_key)
+
+
+def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, mesh=None):
+    """One epoch: a fresh shuffle, then one SGD step per full mini-batch, as one ``lax.scan``.
+
+    The last ``n mod batch_size`` examples of each shuffled order sit the epoch out, so that
+    every step has the same static shape; the order is new each epoch, so none is left out
+    for good. Jit with ``static_argnums=(0, 1, 2)`` (``(0, 1, 2, 6)`` with a mesh).
+
+    Args:
+      net: the network (static).
+      optimizer: an :class:`Optimizer` or optax ``GradientTransformation`` (static).
+      batch_size: B, in [1, n] (static).
+      state: the :class:`TrainState` before the epoch.
+      x: inputs, (n, d0), of the parameters' dtype.
+      y: labels for the whole set, checked (see :func:`check_data`).
+      mesh: ``None``, or a mesh with a ``"data"`` axis (static): data parallelism, each
+        mini-batch split over its devices (see :func:`handbackprop.sharded_value_and_backprop`);
+        ``state``, ``x`` and ``y`` replicated on it (:func:`handbackprop.parallel.replicate`).
+
+    Returns:
+      ``(state, losses)``: the state after the epoch, and each step's mini-batch loss
+      (before its update), shape (n // B,).
+    """
+    n = x.shape[0]
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size: expected an int in [1, {n}] (the data set's size), "
+                         f"got {batch_size}")
+    if mesh is not None:
+        parallel.check_batch("batch_size", batch_size, mesh)
+    steps = n // batch_size
+    key, shuffle_key = jax.random.split(state.key)
+    order = jax.random.permutation(shuffle_key, n)[: steps * batch_size]
+
+    def step(carry, idx):
+        params, opt_state = carry
+        # The three-step loop: loss and gradient by the delta recursion, then the update.
+        if mesh is None:
+            value, grads = value_and_backprop(net, params, x[idx], y[idx])
+        else:
+            value, grads = parallel.sharded_value_and_backprop(net, params, x[idx], y[idx], mesh)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (apply_updates(params, updates), opt_state), value
+
+    (params, opt_state), losses = jax.lax.scan(
+        step, (state.params, state.opt_state), order.reshape(steps, batch_size)
+    )
+    return TrainState(params, opt_state, key), losses
+
+
+def metric_name(net: MLP) -> str:
+    """The task's headline metric: ``"accuracy"`` for cross-entropies, ``"r2"`` otherwise."""
+    return "r2" if net.loss == "squared_error" else "accuracy"
+
+
+def evaluate(net: MLP, params, x, y) -> dict:
+    """The loss and the task's metrics on a data set. Jit with ``static_argnums=0``.
+
+    Args:
+      net: the network.
+      params: its parameters.
+      x: inputs, (n, d0).
+      y: labels as :func:`handbackprop.loss` takes them.
+
+    Returns:
+      ``{"loss", "accuracy"}`` for the cross-entropies (binary: output > 1/2 vs target > 1/2,
+      per output); ``{"loss", "r2", "mse"}`` for squared error (``r2`` as scikit-learn's
+      ``r2_score``: 1 - SS_res / SS_tot per output, averaged; ``mse`` over every entry).
+      Each a scalar of the parameters' dtype.
+    """
+    out = {"loss": loss(net, params, x, y)}
+    o = forward(net, params, x)
+    if net.loss == "softmax_cross_entropy":
+        labels = y if jnp.issubdtype(y.dtype, jnp.integer) else jnp.argmax(y, axis=-1)
+        out["accuracy"] = jnp.mean(jnp.argmax(o, axis=-1) == labels, dtype=o.dtype)
+    elif net.loss == "binary_cross_entropy":
+        out["accuracy"] = jnp.mean((o > 0.5) == (y > 0.5), dtype=o.dtype)
+    else:
+        residual = jnp.sum((y - o) ** 2, axis=0)
+        total = jnp.sum((y - jnp.mean(y, axis=0)[None, :]) ** 2, axis=0)
+        out["r2"] = jnp.mean(1 - residual / total)
+        out["mse"] = jnp.mean((y - o) ** 2)
+    return out
+
+
+def check_data(net: MLP, x, y, where: str = "data"):
+    """Check a whole data set against the network before training; return it as arrays.
+
+    Args:
+      net: the network.
+      x: inputs, (n, d0), finite.
+      y: softmax cross-entropy: integer classes (n,) in [0, dL) or probability rows (n, dL);
+        binary cross-entropy: 0/1 targets (n, dL), or integer 0/1 classes (n,) when dL = 1;
+        squared error: floating targets (n, dL), or (n,) when dL = 1.
+      where: the argument's name for error messages.
+
+    Returns:
+      ``(x, y)`` as NumPy arrays, ``y`` in the form :func:`handbackprop.loss` takes.
+
+    Raises:
+      ValueError: naming ``where``, for inputs or labels that do not fit the network's loss.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    k = net.sizes[-1]
+    if x.ndim != 2 or x.shape[1] != net.sizes[0] or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{where}: x: expected floating inputs of shape (n, {net.sizes[0]}) for "
+                         f"the network's sizes {net.sizes}, got shape {x.shape} dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{where}: x: expected finite inputs, got NaN or infinity")
+    n = x.shape[0]
+    if y.shape[:1] != (n,):
+        raise ValueError(f"{where}: y: expected {n} labels, one per row of x, got shape {y.shape}")
+    integer = np.issubdtype(y.dtype, np.integer)
+    if integer and y.ndim == 1 and net.loss == "softmax_cross_entropy":
+        if n and (y.min() < 0 or y.max() >= k):
+            raise ValueError(f"{where}: y: softmax_cross_entropy needs class labels in [0, {k}) "
+                             f"for the network's {k} outputs, got labels {y.min()} to {y.max()}")
+        return x, y
+    if integer and y.ndim == 1 and net.loss == "binary_cross_entropy" and k == 1:
+        if not np.all((y == 0) | (y == 1)):
+            raise ValueError(f"{where}: y: binary_cross_entropy needs 0/1 labels, "
+                             f"got values {np.unique(y)[:10].tolist()}")
+        return x, y[:, None].astype(x.dtype)
+    if not integer and y.ndim == 1 and net.loss == "squared_error" and k == 1:
+        y = y[:, None]
+    if integer or y.shape != (n, k) or not np.issubdtype(y.dtype, np.floating):
+        expected = {
+            "softmax_cross_entropy": f"integer classes of shape ({n},) "
+                                     f"or probability rows ({n}, {k})",
+            "binary_cross_entropy": f"0/1 targets of shape ({n}, {k})"
+            + (f" or integer 0/1 classes ({n},)" if k == 1 else ""),
+            "squared_error": f"floating targets of shape ({n}, {k})",
+        }[net.loss]
+        kind = "integer class labels" if integer else "floating targets"
+        raise ValueError(f"{where}: y: {net.loss} with {k} outputs expects {expected}, "
+                         f"got {kind} of shape {y.shape}")
+    if net.loss == "binary_cross_entropy" and not np.all((y >= 0) & (y <= 1)):
+        raise ValueError(f"{where}: y: binary_cross_entropy needs targets in [0, 1]")
+    if net.loss == "softmax_cross_entropy" and np.any(y < 0):
+        raise ValueError(f"{where}: y: softmax_cross_entropy needs non-negative probability rows")
+    return x, y
+
+
+def _as_device(x, y, dtype):
+    """Inputs and floating targets in the parameters' dtype; integer classes as int32."""
+    y = jnp.asarray(y, jnp.int32 if np.issubdtype(y.dtype, np.integer) else dtype)
+    return jnp.asarray(x, dtype), y
+
+
+def _check_int(name, value, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+        high is not None and value > high
+    ):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
+
+
+def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=None,
+        state: TrainState | None = None, initial_epoch: int = 0, test_data=None,
+        dtype=jnp.float32, callback: Callable | None = None, mesh=None):
+    """Train for epochs ``initial_epoch + 1 .. epochs``, one compiled scan per epoch.
+
+    Every argument is checked before any computation. Resuming from a saved ``state``
+    after epoch k with ``initial_epoch=k`` gives bit for bit the run that never stopped.
+
+    Args:
+      net: the network.
+      optimizer: an :class:`Optimizer` (e.g. :func:`sgd`) or optax ``GradientTransformation``.
+      train_data: ``(x, y)``, see :func:`check_data`.
+      epochs: the last epoch's number, >= 1.
+      batch_size: B, in [1, n].
+      key: a ``jax.random`` key for a fresh start (see :func:`init_state`).
+      state: a :class:`TrainState` to continue from instead of ``key``.
+      initial_epoch: the number of epochs ``state`` has already done, in [0, epochs].
+      test_data: an optional ``(x, y)`` evaluated after every epoch.
+      dtype: the parameters' floating dtype for a fresh start.
+      callback: called as ``callback(epoch, state, record)`` after every epoch, ``record``
+        being that epoch's entry of the history (floats).
+      mesh: ``None``, or a mesh with a ``"data"`` axis (:func:`handbackprop.data_parallel_mesh`)
+        to train data-parallel: every mini-batch split over its devices, parameters, state and
+        data replicated. ``batch_size`` must be divisible by its device count. With several
+        processes (``jax.distributed``), every process calls ``fit`` with the same arguments.
+
+    Returns:
+      ``(state, history)``: the final :class:`TrainState` (``state.params`` are the trained
+      parameters) and a dict of per-epoch lists: ``"epoch"``, ``"train_loss"`` (the mean of
+      the epoch's mini-batch losses) and, with ``test_data``, ``"test_loss"`` and
+      ``"test_<metric>"`` for each metric of :func:`evaluate`.
+
+    Raises:
+      ValueError: for bad epochs, batch size, data or labels, before any computation.
+    """
+    if not isinstance(net, MLP):
+        raise TypeError(f"net: expected an MLP, got {type(net).__name__}")
+    _check_int("epochs", epochs, 1)
+    _check_int("initial_epoch", initial_epoch, 0, epochs)
+    x, y = check_data(net, *train_data, where="train_data")
+    _check_int("batch_size", batch_size, 1, x.shape[0])
+    if mesh is not None:
+        parallel.check_batch("batch_size", batch_size, mesh)
+    if test_data is not None:
+        test_data = check_data(net, *test_data, where="test_data")
+    if (key is None) == (state is None):
+        raise ValueError("key, state: expected exactly one, a key for a fresh start or a state "
+                         f"to continue from, got key={key!r} and state={type(state).__name__}")
+    if state is None:
+        state = init_state(key, net, optimizer, dtype)
+    dtype = jax.tree.leaves(state.params)[0].dtype
+    x, y = _as_device(x, y, dtype)
+    if test_data is not None:
+        test_data = _as_device(*test_data, dtype)
+    if mesh is not None:
+        state, x, y, test_data = parallel.replicate((state, x, y, test_data), mesh)
+    # Looked up here, not bound at import, so that tests can count traces of train_epoch.
+    epoch_fn = jax.jit(train_epoch, static_argnums=(0, 1, 2, 6))
+    eval_fn = jax.jit(evaluate, static_argnums=0)
+    history = {"epoch": [], "train_loss": []}
+    for epoch in range(initial_epoch + 1, epochs + 1):
+        state, losses = epoch_fn(net, optimizer, batch_size, state, x, y, mesh)
+        record = {"epoch": epoch, "train_loss": float(jnp.mean(losses))}
+        if test_data is not None:
+            metrics = eval_fn(net, state.params, *test_data)
+            record.update({f"test_{k}": float(v) for k, v in metrics.items()})
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+        if callback is not None:
+            callback(epoch, state, record)
+    return state, history

@@ -1,0 +1,225 @@
+"""``handbackprop train``: mini-batch SGD on a data set, with the hand-written gradients.
+
+    python -m handbackprop train                          # digits, 64-128-128-10, 50 epochs
+    python -m handbackprop train --dataset breast_cancer --plot curves.png
+    python -m handbackprop train --epochs 20 --save run.npz
+    python -m handbackprop train --epochs 50 --resume run.npz --save run.npz
+
+Before training, the hand gradient is checked against ``jax.grad`` on one batch. A run
+resumed from the checkpoint of epoch k continues with the saved settings (data set,
+network, optimiser, batch size, seed, dtype) and gives bit for bit the uninterrupted run;
+``--epochs`` is the total to reach.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+# Settings a checkpoint fixes (a resumed run takes them from it), and their defaults.
+DEFAULTS = {"dataset": "digits", "task": None, "sizes": None, "activation": "relu", "loss": None,
+            "batch_size": 32, "lr": 0.1, "momentum": 0.0, "nesterov": False, "l2": 0.0,
+            "seed": 0, "dtype": "float32"}
+HIDDEN = (128, 128)  # the default hidden layers between the data's inputs and outputs
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+        return value
+    return parse
+
+
+def _sizes(text):
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train`` command's options (a resumed run takes unset ones from its checkpoint)."""
+    from handbackprop.activations import ACTIVATIONS
+    from handbackprop.data import DATASETS
+    from handbackprop.losses import LOSSES
+
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or a .npz (arrays X, y) or "
+                   ".csv (last column y) file (default digits)")
+    p.add_argument("--task", choices=["classification", "regression"],
+                   help="for a data file: what y holds (default: integer labels are classes)")
+    p.add_argument("--sizes", type=_sizes, help="layer sizes d0,...,dL, e.g. 64,128,128,10 "
+                   "(default: the data's inputs, 128, 128, the loss's outputs)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS),
+                   help="hidden layers' activation (default relu)")
+    p.add_argument("--loss", choices=sorted(LOSSES), help="default: softmax_cross_entropy for "
+                   "several classes, binary_cross_entropy for two, squared_error for regression")
+    p.add_argument("--epochs", type=_positive(int), default=50,
+                   help="epochs to train, in all (with --resume: the total to reach) (default 50)")
+    p.add_argument("--batch-size", type=_positive(int), help="mini-batch size (default 32)")
+    p.add_argument("--lr", type=_positive(float), help="SGD learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, help="SGD momentum in [0, 1) (default 0)")
+    p.add_argument("--nesterov", action="store_true", default=None,
+                   help="Nesterov momentum (needs --momentum > 0)")
+    p.add_argument("--l2", type=float, help="L2 penalty lambda: (lambda/2) sum ||W||^2 (default 0)")
+    p.add_argument("--seed", type=int, help="seeds the initialisation and the shuffles (default 0)")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="parameters' dtype (default float32)")
+    p.add_argument("--plot", metavar="PATH", help="save loss and metric curves to this PNG")
+    p.add_argument("--save", metavar="PATH", help="write a checkpoint here after every epoch")
+    p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON on stdout (messages go to stderr)")
+
+
+def _settings(args, saved):
+    """Explicit options, else the checkpoint's, else the defaults; a resumed run's settings
+    cannot change, or it would not continue the same run."""
+    settings = {**DEFAULTS, **saved}
+    for k in DEFAULTS:
+        value = getattr(args, k)
+        if value is None:
+            continue
+        if k in saved and value != saved[k]:
+            raise ValueError(f"--{k.replace('_', '-')}: the checkpoint was trained with "
+                             f"{saved[k]!r}, got {value!r}; a resumed run keeps its settings")
+        settings[k] = value
+    return settings
+
+
+def _gradient_check(net, params, x, y):
+    """Hand backprop against ``jax.grad`` on one batch: (max relative difference, tolerance)."""
+    import jax
+    import jax.numpy as jnp
+
+    from handbackprop.backprop import backprop, loss
+
+    hand = jax.jit(backprop, static_argnums=0)(net, params, x, y)
+    auto = jax.jit(jax.grad(lambda p: loss(net, p, x, y)))(params)
+    diff = max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(hand), jax.tree.leaves(auto)))
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(auto))
+    eps = float(jnp.finfo(x.dtype).eps)
+    # Both sum the same products in other orders: their difference is round-off, well under
+    # sqrt(eps) relative; a wrong formula is off by O(1).
+    return diff / max(scale, eps), math.sqrt(eps)
+
+
+def _plot(path, history, metric):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(history["epoch"], history["train_loss"], label="train (mean over mini-batches)")
+    ax1.plot(history["epoch"], history["test_loss"], label="test")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax2.plot(history["epoch"], history[f"test_{metric}"], label="test")
+    ax2.set(xlabel="epoch", ylabel=metric, title=metric)
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    """Run the ``train`` command; returns the exit status (2 for bad input)."""
+    from handbackprop import checkpoint
+
+    try:
+        header = checkpoint.read_metadata(args.resume) if args.resume else None
+        saved = header["metadata"].get("settings", {}) if header else {}
+        settings = _settings(args, saved)
+        return _run(args, settings, header)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"handbackprop train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, settings, header) -> int:
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from handbackprop import checkpoint, data, train
+    from handbackprop.mlp import MLP
+
+    s = settings
+    for option, path in (("--save", args.save), ("--plot", args.plot)):
+        if path and not pathlib.Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{option}: folder {pathlib.Path(path).parent} does not exist")
+    if s["dtype"] == "float64":
+        jax.config.update("jax_enable_x64", True)
+    out = sys.stderr if args.json else sys.stdout
+    optimizer = train.sgd(s["lr"], s["momentum"], s["nesterov"])  # checks them first
+    ds = data.load(s["dataset"], task=s["task"])
+    loss = s["loss"] or ds.default_loss
+    sizes = s["sizes"] or [ds.num_features, *HIDDEN, ds.num_outputs(loss)]
+    net = MLP(tuple(sizes), activation=s["activation"], loss=loss, l2=s["l2"])
+    s = {**s, "sizes": list(net.sizes), "loss": loss}  # saved resolved, so a resume compares them
+    train_data = train.check_data(net, ds.x_train, ds.y_train, "train_data")
+    test_data = train.check_data(net, ds.x_test, ds.y_test, "test_data")
+    if not s["batch_size"] <= len(ds.x_train):
+        raise ValueError(f"--batch-size: expected at most the {len(ds.x_train)} training "
+                         f"examples of {s['dataset']}, got {s['batch_size']}")
+    if header:
+        restored = checkpoint.load(args.resume, optimizer, net)
+        state, done, history = restored.state, restored.epoch, restored.metadata.get("history", {})
+        if done > args.epochs:
+            raise ValueError(f"--epochs: the checkpoint has done {done} epochs, got {args.epochs}")
+    else:
+        dtype = jnp.dtype(s["dtype"])
+        state = jax.jit(train.init_state, static_argnums=(1, 2, 3))(
+            jax.random.key(s["seed"]), net, optimizer, dtype)
+        done, history = 0, {}
+    dtype = jax.tree.leaves(state.params)[0].dtype
+    batch = slice(0, s["batch_size"])
+    rel, tol = _gradient_check(net, state.params, jnp.asarray(train_data[0][batch], dtype),
+                               jnp.asarray(train_data[1][batch]))
+    verdict = "ok" if rel <= tol else "FAILED"
+    print(f"gradient check, one batch of {s['batch_size']}: hand backprop vs jax.grad, max relative "
+          f"difference {rel:.1e} (tolerance {tol:.1e}): {verdict}", file=out)
+    if verdict != "ok":
+        print("handbackprop train: the hand-written gradient disagrees with jax.grad; not training",
+              file=sys.stderr)
+        return 1
+
+    metric = train.metric_name(net)
+    bar = tqdm(total=args.epochs, initial=done, unit="epoch", desc=f"train {s['dataset']}",
+               file=sys.stderr, dynamic_ncols=True)
+
+    def on_epoch(epoch, state, record):
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+        bar.set_postfix({"loss": f"{record['train_loss']:.4f}",
+                         metric: f"{record[f'test_{metric}']:.4f}"})
+        bar.update()
+        if args.save:
+            checkpoint.save(args.save, net, state, epoch, {"settings": s, "history": history})
+
+    start = time.perf_counter()
+    state, _ = train.fit(net, optimizer, train_data, epochs=args.epochs, batch_size=s["batch_size"],
+                         state=state, initial_epoch=done, test_data=test_data, callback=on_epoch)
+    seconds = time.perf_counter() - start
+    bar.close()
+    if args.save and done == args.epochs:  # nothing left to run: still write the checkpoint
+        checkpoint.save(args.save, net, state, done, {"settings": s, "history": history})
+    evaluate = jax.jit(train.evaluate, static_argnums=0)
+    results = {split: {k: float(v) for k, v in evaluate(net, state.params, *d).items()}
+               for split, d in (("train", train_data), ("test", test_data))}
+    for split, m in results.items():
+        print(f"{split:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=out)
+    if args.plot:
+        _plot(args.plot, history, metric)
+        print(f"curves saved to {args.plot}", file=out)
+    if args.json:
+        check = {"max_relative_difference": rel, "tolerance": tol, "ok": True}
+        print(json.dumps({"settings": s, "epochs": args.epochs, "gradient_check": check,
+                          "train_seconds": seconds, **results, "history": history}))
+    return 0
