@@ -24,7 +24,6 @@ import dataclasses
 import operator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -53,24 +52,31 @@ def initialize(devices=None, coordinator=None, num_processes=None, process_id=No
       process_id: this process's index in ``[0, num_processes)``, with ``coordinator``.
 
     Raises:
-      ValueError: naming the argument, for a bad value or a missing companion.
+      ValueError: naming the argument, for a bad value or a missing companion; all checked
+        before anything is set.
+      RuntimeError: from JAX, for a device count given after JAX has started.
     """
     if devices is not None:
         _check_count("devices", devices)
-        jax.config.update("jax_num_cpu_devices", int(devices))
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
-    if all(v is None for v in given.values()):
-        return
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-        raise ValueError(f"{', '.join(missing)}: a multi-process run needs coordinator, "
-                         f"num_processes and process_id, got {given}")
-    _check_count("num_processes", num_processes)
-    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id: expected an int in [0, {num_processes}), got {process_id!r}")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default, made explicit
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    several = any(v is not None for v in given.values())
+    if several:
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: a multi-process run needs coordinator, "
+                             f"num_processes and process_id, got {given}")
+        _check_count("num_processes", num_processes)
+        if isinstance(process_id, bool) or not isinstance(process_id, int) or not (
+            0 <= process_id < num_processes
+        ):
+            raise ValueError(f"process_id: expected an int in [0, {num_processes}), "
+                             f"got {process_id!r}")
+    if devices is not None:
+        jax.config.update("jax_num_cpu_devices", int(devices))
+    if several:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default, explicit
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
 
 
 def _check_count(name, value):

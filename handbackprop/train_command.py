@@ -9,6 +9,16 @@ Before training, the hand gradient is checked against ``jax.grad`` on one batch.
 resumed from the checkpoint of epoch k continues with the saved settings (data set,
 network, optimiser, batch size, seed, dtype) and gives bit for bit the uninterrupted run;
 ``--epochs`` is the total to reach.
+
+Data parallelism (each mini-batch split over the devices, parameters replicated):
+
+    python -m handbackprop train --devices 4              # 4 GPUs; on a CPU, 4 CPU devices
+    python -m handbackprop train --devices 2 --coordinator 10.0.0.1:1234 \
+        --num-processes 2 --process-id 0                  # and --process-id 1 on the other host
+
+``--devices`` is set before JAX starts (on a CPU it makes that many host-platform devices).
+With several processes every one runs the same command but its ``--process-id``; process 0
+prints, saves and plots.
 """
 
 import argparse
@@ -73,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (messages go to stderr)")
+    p.add_argument("--devices", type=_positive(int), help="devices per process to split each "
+                   "mini-batch over (GPUs; on a CPU, that many CPU devices) (default 1)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, for a multi-process run (jax.distributed)")
+    p.add_argument("--num-processes", type=_positive(int), help="processes in the run")
+    p.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
 
 
 def _settings(args, saved):
@@ -130,9 +146,11 @@ def _plot(path, history, metric):
 
 def main(args) -> int:
     """Run the ``train`` command; returns the exit status (2 for bad input)."""
-    from handbackprop import checkpoint
+    from handbackprop import checkpoint, parallel
 
     try:
+        # Devices and processes first: JAX fixes them when it starts, at its first computation.
+        parallel.initialize(args.devices, args.coordinator, args.num_processes, args.process_id)
         header = checkpoint.read_metadata(args.resume) if args.resume else None
         saved = header["metadata"].get("settings", {}) if header else {}
         settings = _settings(args, saved)
@@ -147,10 +165,19 @@ def _run(args, settings, header) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from handbackprop import checkpoint, data, train
+    from handbackprop import checkpoint, data, parallel, train
     from handbackprop.mlp import MLP
 
     s = settings
+    mesh = None
+    if (args.devices or 1) > 1 or jax.process_count() > 1:
+        devices = args.devices or jax.local_device_count()
+        if devices > jax.local_device_count():
+            raise ValueError(f"--devices: asked for {devices}, this process has "
+                             f"{jax.local_device_count()} {jax.default_backend()} devices")
+        mesh = parallel.data_parallel_mesh(devices * jax.process_count())
+    if jax.process_index() != 0:  # process 0 reports and writes files; the others only train
+        args.save = args.plot = None
     for option, path in (("--save", args.save), ("--plot", args.plot)):
         if path and not pathlib.Path(path).resolve().parent.is_dir():
             raise ValueError(f"{option}: folder {pathlib.Path(path).parent} does not exist")
@@ -168,6 +195,9 @@ def _run(args, settings, header) -> int:
     if not s["batch_size"] <= len(ds.x_train):
         raise ValueError(f"--batch-size: expected at most the {len(ds.x_train)} training "
                          f"examples of {s['dataset']}, got {s['batch_size']}")
+    if mesh is not None and s["batch_size"] % mesh.size:
+        raise ValueError(f"--batch-size: {s['batch_size']} is not divisible by the {mesh.size} "
+                         "devices of the data-parallel mesh")
     if header:
         restored = checkpoint.load(args.resume, optimizer, net)
         state, done, history = restored.state, restored.epoch, restored.metadata.get("history", {})
@@ -205,12 +235,15 @@ def _run(args, settings, header) -> int:
 
     start = time.perf_counter()
     state, _ = train.fit(net, optimizer, train_data, epochs=args.epochs, batch_size=s["batch_size"],
-                         state=state, initial_epoch=done, test_data=test_data, callback=on_epoch)
+                         state=state, initial_epoch=done, test_data=test_data, callback=on_epoch,
+                         mesh=mesh)
     seconds = time.perf_counter() - start
     bar.close()
     if args.save and done == args.epochs:  # nothing left to run: still write the checkpoint
         checkpoint.save(args.save, net, state, done, {"settings": s, "history": history})
     evaluate = jax.jit(train.evaluate, static_argnums=0)
+    if mesh is not None:  # next to the replicated parameters, in every process
+        train_data, test_data = parallel.replicate((train_data, test_data), mesh)
     results = {split: {k: float(v) for k, v in evaluate(net, state.params, *d).items()}
                for split, d in (("train", train_data), ("test", test_data))}
     for split, m in results.items():
@@ -220,6 +253,8 @@ def _run(args, settings, header) -> int:
         print(f"curves saved to {args.plot}", file=out)
     if args.json:
         check = {"max_relative_difference": rel, "tolerance": tol, "ok": True}
-        print(json.dumps({"settings": s, "epochs": args.epochs, "gradient_check": check,
+        trained_on = jax.tree.leaves(state.params)[0].sharding.device_set  # the mesh's, or one
+        devices = {"devices": len(trained_on), "processes": jax.process_count()}
+        print(json.dumps({"settings": s, "epochs": args.epochs, "gradient_check": check, **devices,
                           "train_seconds": seconds, **results, "history": history}))
     return 0
