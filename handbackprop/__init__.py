@@ -16,6 +16,7 @@ from handbackprop.backprop import delta_recursion
 from handbackprop.backprop import deltas
 from handbackprop.backprop import loss
 from handbackprop.backprop import value_and_backprop
+from handbackprop.dp import DPSGD
 from handbackprop.dp import dp_epsilon
 from handbackprop.dp import dp_grad
 from handbackprop.dp import dp_sgd_step
@@ -56,6 +57,7 @@ __all__ = (
     "Activation",
     "Cache",
     "ClippedGrad",
+    "DPSGD",
     "GradientReport",
     "GradientStats",
     "Loss",

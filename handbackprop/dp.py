@@ -16,6 +16,7 @@ Accounting (:func:`dp_epsilon`) needs the optional ``dp-accounting`` package:
 
 import math
 import operator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,26 @@ from handbackprop.mlp import MLP
 from handbackprop.per_example import check_scalar, clipped_grad
 
 ACCOUNTANTS = ("rdp", "pld")
+
+
+class DPSGD(NamedTuple):
+    """DP-SGD's settings for training (:func:`handbackprop.fit` with ``dp=``): static, hashable.
+
+    Every step's gradient is then :func:`dp_grad` with a fresh noise key.
+
+    Attributes:
+      clip_norm: C > 0, the per-example clipping bound.
+      noise_multiplier: sigma >= 0; the noise on the clipped sum has standard deviation sigma C.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+
+    def check(self):
+        """Raise a clear error for an out-of-range setting; return ``self``."""
+        check_scalar("clip_norm", self.clip_norm)
+        check_scalar("noise_multiplier", self.noise_multiplier, strict=False)
+        return self
 
 
 def _check_key(key):

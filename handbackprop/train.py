@@ -22,6 +22,7 @@ import numpy as np
 
 from handbackprop import parallel
 from handbackprop.backprop import loss, value_and_backprop
+from handbackprop.dp import DPSGD, dp_grad
 from handbackprop.mlp import MLP, forward, init_params
 
 
@@ -150,12 +151,13 @@ def init_state(key, net: MLP, optimizer, dtype=jnp.float32) -> TrainState:
     return TrainState(params, optimizer.init(params), shuffle_key)
 
 
-def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, mesh=None):
+def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, mesh=None,
+                dp: DPSGD | None = None):
     """One epoch: a fresh shuffle, then one SGD step per full mini-batch, as one ``lax.scan``.
 
     The last ``n mod batch_size`` examples of each shuffled order sit the epoch out, so that
     every step has the same static shape; the order is new each epoch, so none is left out
-    for good. Jit with ``static_argnums=(0, 1, 2)`` (``(0, 1, 2, 6)`` with a mesh).
+    for good. Jit with ``static_argnums=(0, 1, 2, 6, 7)``.
 
     Args:
       net: the network (static).
@@ -167,6 +169,9 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
       mesh: ``None``, or a mesh with a ``"data"`` axis (static): data parallelism, each
         mini-batch split over its devices (see :func:`handbackprop.sharded_value_and_backprop`);
         ``state``, ``x`` and ``y`` replicated on it (:func:`handbackprop.parallel.replicate`).
+      dp: ``None``, or :class:`handbackprop.dp.DPSGD` settings (static): every step's gradient
+        is then :func:`handbackprop.dp_grad` (clipped per example, noised, averaged), with a
+        noise key drawn from ``state.key``.
 
     Returns:
       ``(state, losses)``: the state after the epoch, and each step's mini-batch loss
@@ -179,21 +184,31 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
     steps = n // batch_size
-    key, shuffle_key = jax.random.split(state.key)
+    if dp is None:
+        key, shuffle_key = jax.random.split(state.key)
+        noise_keys = None
+    else:  # a third key only here, so that plain SGD's shuffles are unchanged by DP's existence
+        key, shuffle_key, noise_key = jax.random.split(state.key, 3)
+        noise_keys = jax.random.split(noise_key, steps)
     order = jax.random.permutation(shuffle_key, n)[: steps * batch_size]
 
-    def step(carry, idx):
-        params, opt_state = carry
+    def step(carry, inputs):
+        (params, opt_state), (idx, noise_key) = carry, inputs
+        xb, yb = x[idx], y[idx]
         # The three-step loop: loss and gradient by the delta recursion, then the update.
-        if mesh is None:
-            value, grads = value_and_backprop(net, params, x[idx], y[idx])
+        if dp is not None:
+            value = loss(net, params, xb, yb)  # reported only; XLA shares its forward pass
+            grads = (dp_grad(net, params, xb, yb, noise_key, *dp) if mesh is None else
+                     parallel.sharded_dp_grad(net, params, xb, yb, noise_key, *dp, mesh))
+        elif mesh is None:
+            value, grads = value_and_backprop(net, params, xb, yb)
         else:
-            value, grads = parallel.sharded_value_and_backprop(net, params, x[idx], y[idx], mesh)
+            value, grads = parallel.sharded_value_and_backprop(net, params, xb, yb, mesh)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (apply_updates(params, updates), opt_state), value
 
     (params, opt_state), losses = jax.lax.scan(
-        step, (state.params, state.opt_state), order.reshape(steps, batch_size)
+        step, (state.params, state.opt_state), (order.reshape(steps, batch_size), noise_keys)
     )
     return TrainState(params, opt_state, key), losses
 
@@ -307,7 +322,8 @@ def _check_int(name, value, low, high=None):
 
 def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=None,
         state: TrainState | None = None, initial_epoch: int = 0, test_data=None,
-        dtype=jnp.float32, callback: Callable | None = None, mesh=None):
+        dtype=jnp.float32, callback: Callable | None = None, mesh=None,
+        dp: DPSGD | None = None):
     """Train for epochs ``initial_epoch + 1 .. epochs``, one compiled scan per epoch.
 
     Every argument is checked before any computation. Resuming from a saved ``state``
@@ -330,6 +346,9 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
         to train data-parallel: every mini-batch split over its devices, parameters, state and
         data replicated. ``batch_size`` must be divisible by its device count. With several
         processes (``jax.distributed``), every process calls ``fit`` with the same arguments.
+      dp: ``None``, or :class:`handbackprop.dp.DPSGD` ``(clip_norm, noise_multiplier)`` to
+        train with DP-SGD: every step's gradient is :func:`handbackprop.dp_grad`, the
+        optimiser applies it as any other (``net.reduction`` does not apply: DP-SGD averages).
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` (``state.params`` are the trained
@@ -348,6 +367,8 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
     _check_int("batch_size", batch_size, 1, x.shape[0])
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
+    if dp is not None:
+        dp = DPSGD(*dp).check()
     if test_data is not None:
         test_data = check_data(net, *test_data, where="test_data")
     if (key is None) == (state is None):
@@ -362,11 +383,11 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
     if mesh is not None:
         state, x, y, test_data = parallel.replicate((state, x, y, test_data), mesh)
     # Looked up here, not bound at import, so that tests can count traces of train_epoch.
-    epoch_fn = jax.jit(train_epoch, static_argnums=(0, 1, 2, 6))
+    epoch_fn = jax.jit(train_epoch, static_argnums=(0, 1, 2, 6, 7))
     eval_fn = jax.jit(evaluate, static_argnums=0)
     history = {"epoch": [], "train_loss": []}
     for epoch in range(initial_epoch + 1, epochs + 1):
-        state, losses = epoch_fn(net, optimizer, batch_size, state, x, y, mesh)
+        state, losses = epoch_fn(net, optimizer, batch_size, state, x, y, mesh, dp)
         record = {"epoch": epoch, "train_loss": float(jnp.mean(losses))}
         if test_data is not None:
             metrics = eval_fn(net, state.params, *test_data)

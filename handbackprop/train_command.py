@@ -10,6 +10,11 @@ resumed from the checkpoint of epoch k continues with the saved settings (data s
 network, optimiser, batch size, seed, dtype) and gives bit for bit the uninterrupted run;
 ``--epochs`` is the total to reach.
 
+DP-SGD (each example's gradient clipped to norm C, Gaussian noise of standard deviation
+SIGMA * C added to each mini-batch's clipped sum, then divided by the batch size):
+
+    python -m handbackprop train --dp-clip 1.0 --dp-noise 1.1    # epsilon with .[dp] installed
+
 Data parallelism (each mini-batch split over the devices, parameters replicated):
 
     python -m handbackprop train --devices 4              # 4 GPUs; on a CPU, 4 CPU devices
@@ -31,7 +36,7 @@ import time
 # Settings a checkpoint fixes (a resumed run takes them from it), and their defaults.
 DEFAULTS = {"dataset": "digits", "task": None, "sizes": None, "activation": "relu", "loss": None,
             "batch_size": 32, "lr": 0.1, "momentum": 0.0, "nesterov": False, "l2": 0.0,
-            "seed": 0, "dtype": "float32"}
+            "seed": 0, "dtype": "float32", "dp_clip": None, "dp_noise": None}
 HIDDEN = (128, 128)  # the default hidden layers between the data's inputs and outputs
 
 
@@ -83,6 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (messages go to stderr)")
+    p.add_argument("--dp-clip", type=_positive(float), metavar="C",
+                   help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)")
+    p.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                   help="DP-SGD: add Gaussian noise of standard deviation SIGMA * C to the clipped "
+                   "sum of each mini-batch, then divide by the batch size (needs --dp-clip)")
+    p.add_argument("--dp-delta", type=_positive(float), default=1e-5,
+                   help="DP-SGD: report the epsilon spent for this delta, with the optional "
+                   "dp-accounting package (default 1e-5)")
     p.add_argument("--devices", type=_positive(int), help="devices per process to split each "
                    "mini-batch over (GPUs; on a CPU, that many CPU devices) (default 1)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
@@ -122,6 +135,24 @@ def _gradient_check(net, params, x, y):
     # Both sum the same products in other orders: their difference is round-off, well under
     # sqrt(eps) relative; a wrong formula is off by O(1).
     return diff / max(scale, eps), math.sqrt(eps)
+
+
+def _privacy(dp, batch_size, n, epochs, delta, out):
+    """The epsilon spent, if dp-accounting is installed; printed and returned as a dict."""
+    from handbackprop.dp import dp_epsilon
+
+    steps, rate = epochs * (n // batch_size), batch_size / n
+    privacy = {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
+               "sampling_rate": rate, "steps": steps, "delta": delta, "epsilon": None}
+    try:
+        # Accounted as Poisson sampling at rate B / n: the usual approximation for shuffled,
+        # fixed-size mini-batches.
+        privacy["epsilon"] = dp_epsilon(dp.noise_multiplier, rate, steps, delta)
+        print(f"DP-SGD: ({privacy['epsilon']:.3g}, {delta:g})-DP after {steps} steps of sampling "
+              f"rate {rate:.3g} (RDP accountant, Poisson sampling assumed)", file=out)
+    except ImportError as e:
+        print(f"DP-SGD: no epsilon reported: {e}", file=out)
+    return privacy
 
 
 def _plot(path, history, metric):
@@ -166,6 +197,7 @@ def _run(args, settings, header) -> int:
     from tqdm import tqdm
 
     from handbackprop import checkpoint, data, parallel, train
+    from handbackprop.dp import DPSGD
     from handbackprop.mlp import MLP
 
     s = settings
@@ -185,6 +217,10 @@ def _run(args, settings, header) -> int:
         jax.config.update("jax_enable_x64", True)
     out = sys.stderr if args.json else sys.stdout
     optimizer = train.sgd(s["lr"], s["momentum"], s["nesterov"])  # checks them first
+    if (s["dp_clip"] is None) != (s["dp_noise"] is None):
+        raise ValueError("--dp-clip, --dp-noise: DP-SGD needs both, got "
+                         f"--dp-clip {s['dp_clip']} and --dp-noise {s['dp_noise']}")
+    dp = None if s["dp_clip"] is None else DPSGD(s["dp_clip"], s["dp_noise"]).check()
     ds = data.load(s["dataset"], task=s["task"])
     loss = s["loss"] or ds.default_loss
     sizes = s["sizes"] or [ds.num_features, *HIDDEN, ds.num_outputs(loss)]
@@ -236,7 +272,7 @@ def _run(args, settings, header) -> int:
     start = time.perf_counter()
     state, _ = train.fit(net, optimizer, train_data, epochs=args.epochs, batch_size=s["batch_size"],
                          state=state, initial_epoch=done, test_data=test_data, callback=on_epoch,
-                         mesh=mesh)
+                         mesh=mesh, dp=dp)
     seconds = time.perf_counter() - start
     bar.close()
     if args.save and done == args.epochs:  # nothing left to run: still write the checkpoint
@@ -248,6 +284,9 @@ def _run(args, settings, header) -> int:
                for split, d in (("train", train_data), ("test", test_data))}
     for split, m in results.items():
         print(f"{split:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=out)
+    if dp is not None:
+        results["privacy"] = _privacy(dp, s["batch_size"], len(train_data[0]), args.epochs,
+                                      args.dp_delta, out)
     if args.plot:
         _plot(args.plot, history, metric)
         print(f"curves saved to {args.plot}", file=out)

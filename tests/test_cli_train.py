@@ -32,6 +32,19 @@ def test_train_is_the_default_command_and_json(capsys):
     assert result["settings"]["sizes"] == [2, 16, 1] and result["settings"]["lr"] == 0.1
 
 
+def test_dp_sgd_training_reports_its_privacy(capsys):
+    rc, out, err = _run(capsys, *XOR, "--epochs", "2", "--dp-clip", "1", "--dp-noise", "1.1", "--json")
+    assert rc == 0
+    privacy = json.loads(out)["privacy"]
+    # xor's 320 training examples in batches of 40: 8 steps an epoch at sampling rate 1/8.
+    assert privacy["steps"] == 16 and privacy["sampling_rate"] == 40 / 320
+    assert privacy["clip_norm"] == 1.0 and privacy["noise_multiplier"] == 1.1
+    if privacy["epsilon"] is None:  # without the optional dp-accounting package
+        assert "needs the optional dp-accounting package" in err
+    else:
+        assert 0 < privacy["epsilon"] < 100 and "-DP after 16 steps" in err
+
+
 def test_resume_is_bit_identical_and_plot(capsys, tmp_path):
     full, part, png = tmp_path / "full.npz", tmp_path / "part.npz", tmp_path / "curves.png"
     assert _run(capsys, *XOR, "--momentum", "0.5", "--epochs", "4", "--save", str(full))[0] == 0
@@ -59,6 +72,8 @@ def test_resume_is_bit_identical_and_plot(capsys, tmp_path):
     (["--dataset", "xor", "--momentum", "1.5"], "momentum: expected a number in [0, 1)"),
     (["--dataset", "xor", "--activation", "relu", "--l2", "-1"], "l2: expected a finite number >= 0"),
     (["--dataset", "xor", "--save", "/no/such/folder/run.npz"], "--save: folder /no/such/folder does"),
+    (["--dataset", "xor", "--dp-clip", "1"], "--dp-clip, --dp-noise: DP-SGD needs both"),
+    (["--dataset", "xor", "--dp-clip", "1", "--dp-noise", "-1"], "noise_multiplier: expected a finite number >= 0"),
 ])
 def test_bad_input_is_a_clear_error(capsys, argv, message):
     rc, out, err = _run(capsys, "train", *argv)

@@ -112,6 +112,36 @@ def test_epoch_is_a_loop_of_steps(small, xor):
     np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(key))
 
 
+def test_dp_epoch_steps_are_dp_grad_with_fresh_keys(small, xor):
+    """With ``dp``, each step's gradient is dp_grad with that step's noise key: checked on the
+    last step of a 2-step epoch, replayed from the same keys (float64, a few ulps)."""
+    net, opt = small
+    x, y = train.check_data(net, xor.x_train, xor.y_train)
+    x, y = x[:128], y[:128]
+    state = train.init_state(jax.random.key(1), net, opt, jnp.float64)
+    settings = hbp.dp.DPSGD(clip_norm=0.5, noise_multiplier=1.3)
+    epoch = jax.jit(train.train_epoch, static_argnums=(0, 1, 2, 6, 7))
+    new, losses = epoch(net, opt, 64, state, x, y, None, settings)
+    key, shuffle_key, noise_key = jax.random.split(state.key, 3)
+    order = np.asarray(jax.random.permutation(shuffle_key, 128)).reshape(2, 64)
+    params = state.params
+    for idx, k in zip(order, jax.random.split(noise_key, 2)):
+        params = hbp.dp_sgd_step(net, params, x[idx], y[idx], k, 0.1, *settings)
+    chex.assert_trees_all_close(new.params, params, **F64)
+    np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(key))
+    np.testing.assert_allclose(losses[0], hbp.loss(net, state.params, x[order[0]], y[order[0]]), **F64)
+    # The noise is really there: another key moves the parameters by about lr sigma C / B.
+    other, _ = epoch(net, opt, 64, state._replace(key=jax.random.key(7)), x, y, None, settings)
+    assert not _tree_equal(other.params, new.params)
+
+
+def test_fit_checks_dp_settings(small, xor):
+    net, opt = small
+    with pytest.raises(ValueError, match=r"clip_norm: expected a positive finite number, got -1.0"):
+        train.fit(net, opt, (xor.x_train, xor.y_train), epochs=1, batch_size=8,
+                  key=jax.random.key(0), dp=(-1.0, 1.0))
+
+
 def test_fit_does_not_retrace_between_epochs(small, xor, monkeypatch):
     net, opt = small
     monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
