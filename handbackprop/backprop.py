@@ -14,7 +14,7 @@ differentiable jnp operations, so it can itself be differentiated (Hessians, HVP
 import jax.numpy as jnp
 
 from handbackprop.losses import output_delta
-from handbackprop.mlp import MLP, check_x, check_y, forward_cache
+from handbackprop.mlp import MLP, check_y, forward_cache
 
 
 def delta_recursion(net: MLP, params, cache, y, scale=1.0):

@@ -15,7 +15,6 @@ Accounting (:func:`dp_epsilon`) needs the optional ``dp-accounting`` package:
 """
 
 import math
-import operator
 from typing import NamedTuple
 
 import jax
@@ -23,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from handbackprop.mlp import MLP
-from handbackprop.per_example import check_scalar, clipped_grad
+from handbackprop.checks import check_int, check_scalar
+from handbackprop.per_example import clipped_grad
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -170,12 +170,7 @@ def dp_epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="rdp") 
     check_scalar("sampling_rate", sampling_rate)
     if not 0 < float(sampling_rate) <= 1:
         raise ValueError(f"sampling_rate: expected a number in (0, 1], got {sampling_rate!r}")
-    try:
-        steps = operator.index(steps)
-    except TypeError:
-        raise TypeError(f"steps: expected an int >= 1, got {steps!r}") from None
-    if steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    steps = check_int("steps", steps, 1)
     check_scalar("delta", delta)
     if not float(delta) < 1:
         raise ValueError(f"delta: expected a number in (0, 1), got {delta!r}")

@@ -21,7 +21,6 @@ model requires; :func:`replicate` and :func:`shard_batch` place host values on t
 """
 
 import dataclasses
-import operator
 
 import jax
 import numpy as np
@@ -31,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from handbackprop import dp as _dp
 from handbackprop import per_example as _per_example
 from handbackprop.backprop import _l2_penalty, value_and_backprop
+from handbackprop.checks import check_int, check_scalar
 from handbackprop.mlp import MLP, check_x, check_y
 
 AXIS = "data"  # the mesh axis the batch is split over
@@ -57,7 +57,7 @@ def initialize(devices=None, coordinator=None, num_processes=None, process_id=No
       RuntimeError: from JAX, for a device count given after JAX has started.
     """
     if devices is not None:
-        _check_count("devices", devices)
+        check_int("devices", devices, 1)
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     several = any(v is not None for v in given.values())
     if several:
@@ -65,7 +65,7 @@ def initialize(devices=None, coordinator=None, num_processes=None, process_id=No
         if missing:
             raise ValueError(f"{', '.join(missing)}: a multi-process run needs coordinator, "
                              f"num_processes and process_id, got {given}")
-        _check_count("num_processes", num_processes)
+        check_int("num_processes", num_processes, 1)
         if isinstance(process_id, bool) or not isinstance(process_id, int) or not (
             0 <= process_id < num_processes
         ):
@@ -77,16 +77,6 @@ def initialize(devices=None, coordinator=None, num_processes=None, process_id=No
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default, explicit
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-
-
-def _check_count(name, value):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return value
 
 
 def data_parallel_mesh(num_devices=None) -> Mesh:
@@ -110,7 +100,7 @@ def data_parallel_mesh(num_devices=None) -> Mesh:
     devices, processes = jax.devices(), jax.process_count()
     if num_devices is None:
         num_devices = len(devices)
-    num_devices = _check_count("num_devices", num_devices)
+    num_devices = check_int("num_devices", num_devices, 1)
     if num_devices > len(devices):
         raise ValueError(f"num_devices: asked for {num_devices} devices, there are {len(devices)} "
                          f"({jax.default_backend()})")
@@ -248,7 +238,7 @@ def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_exampl
     Raises:
       ValueError: as :func:`sharded_value_and_backprop`, and for a bad ``clip_norm``.
     """
-    _per_example.check_scalar("clip_norm", clip_norm)
+    check_scalar("clip_norm", clip_norm)
     x, y = _check_inputs(net, params, x, y, mesh)
 
     def shard(params, x, y, clip_norm):
@@ -275,7 +265,7 @@ def sharded_dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier, me
     Returns:
       A tuple like ``params``, replicated.
     """
-    _per_example.check_scalar("noise_multiplier", noise_multiplier, strict=False)
+    check_scalar("noise_multiplier", noise_multiplier, strict=False)
     _dp._check_key(key)
     clipped = sharded_clipped_grad(net, params, x, y, clip_norm, mesh)
     return _dp._noisy_mean(net, params, clipped.sum, x.shape[0], key, clip_norm, noise_multiplier)

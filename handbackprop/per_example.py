@@ -17,45 +17,16 @@ the L2 term, which is data-independent. ``mean(g_b) + l2 W`` is the batch gradie
 """
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from handbackprop.backprop import backprop, delta_recursion
+from handbackprop.checks import check_scalar
 from handbackprop.mlp import MLP, check_x, check_y, forward_cache
 
 METHODS = ("outer", "vmap")
-
-
-def check_scalar(name: str, value, *, strict: bool = True):
-    """Check a scalar hyperparameter such as ``clip_norm``; return it unchanged.
-
-    A concrete value (a Python number or a concrete array) must be real, finite and ``> 0``
-    (``>= 0`` if not ``strict``). A traced value, such as a non-static argument of a jitted
-    caller, has no value at trace time: only its shape ``()`` and real dtype are checked.
-
-    Raises:
-      TypeError: for a non-scalar, a bool or a non-real value.
-      ValueError: for a concrete value out of range.
-    """
-    want = "a positive finite number" if strict else "a finite number >= 0"
-    try:  # bools and None pass jnp.result_type (as bool, float32); strings raise
-        dtype = jnp.result_type(value)
-        real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-    except TypeError:
-        real = False
-    if value is None or not real or np.shape(value) != ():
-        raise TypeError(f"{name}: expected {want}, got {value!r}")
-    try:
-        v = float(value)
-    except jax.errors.ConcretizationTypeError:  # traced: no value until it runs
-        return value
-    if not (math.isfinite(v) and (v > 0 if strict else v >= 0)):
-        raise ValueError(f"{name}: expected {want}, got {v!r}")
-    return value
 
 
 def _inputs_and_deltas(net: MLP, params, x, y):

@@ -12,7 +12,6 @@
 Every gradient is :func:`handbackprop.value_and_backprop`'s, the hand-written delta recursion.
 """
 
-import math
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from handbackprop import parallel
 from handbackprop.backprop import loss, value_and_backprop
+from handbackprop.checks import check_int, check_scalar
 from handbackprop.dp import DPSGD, dp_grad
 from handbackprop.mlp import MLP, forward, init_params
 
@@ -49,13 +49,6 @@ class SGDState(NamedTuple):
 
     count: jax.Array
     trace: Any
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
 def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimizer:
@@ -90,7 +83,7 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimiz
     if callable(learning_rate):
         schedule = learning_rate
     else:
-        _check_positive("learning_rate", learning_rate)
+        check_scalar("learning_rate", learning_rate)
         schedule = lambda count: learning_rate  # noqa: E731
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
         0 <= momentum < 1
@@ -312,14 +305,6 @@ def _as_device(x, y, dtype):
     return jnp.asarray(x, dtype), y
 
 
-def _check_int(name, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-        high is not None and value > high
-    ):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
-
-
 def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=None,
         state: TrainState | None = None, initial_epoch: int = 0, test_data=None,
         dtype=jnp.float32, callback: Callable | None = None, mesh=None,
@@ -361,10 +346,10 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
     """
     if not isinstance(net, MLP):
         raise TypeError(f"net: expected an MLP, got {type(net).__name__}")
-    _check_int("epochs", epochs, 1)
-    _check_int("initial_epoch", initial_epoch, 0, epochs)
+    check_int("epochs", epochs, 1)
+    check_int("initial_epoch", initial_epoch, 0, epochs)
     x, y = check_data(net, *train_data, where="train_data")
-    _check_int("batch_size", batch_size, 1, x.shape[0])
+    check_int("batch_size", batch_size, 1, x.shape[0])
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
     if dp is not None:
