@@ -75,8 +75,8 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimiz
 
     Example:
       >>> opt = sgd(0.1)
-      >>> params = {"w": jnp.ones(2)}
-      >>> updates, state = opt.update({"w": jnp.ones(2)}, opt.init(params))
+      >>> params = {"w": jnp.ones(2, jnp.float32)}
+      >>> updates, state = opt.update({"w": jnp.ones(2, jnp.float32)}, opt.init(params))
       >>> apply_updates(params, updates)["w"]
       Array([0.9, 0.9], dtype=float32)
     """
