@@ -56,7 +56,7 @@ def as_params(params, where="params"):
     return params
 
 
-def check_scalar(f, params, args, where="f") -> jax.ShapeDtypeStruct:
+def check_scalar_output(f, params, args, where="f") -> jax.ShapeDtypeStruct:
     """The shape and dtype of ``f(params, *args)``; raises unless it is a floating scalar."""
     out = jax.eval_shape(f, params, *args)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not jnp.issubdtype(
@@ -219,5 +219,5 @@ def numerical_grad(f, params, *args, method="central", eps=None):
     if method not in ORDER:
         raise ValueError(f"method: expected one of {sorted(ORDER)}, got {method!r}")
     params = as_params(params)
-    out = check_scalar(f, params, args)
+    out = check_scalar_output(f, params, args)
     return _numerical_grad(f, params, args, method, relative_steps(params, out.dtype, method, eps))

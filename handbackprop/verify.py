@@ -242,7 +242,7 @@ def verify_gradient(loss_fn, grad_fn, params, *args, key=None, num_directions=8,
     if not (isinstance(num_directions, int) and num_directions >= 1):
         raise ValueError(f"num_directions: expected an int >= 1, got {num_directions!r}")
     params = fd.as_params(params)
-    out = fd.check_scalar(loss_fn, params, args, "loss_fn")
+    out = fd.check_scalar_output(loss_fn, params, args, "loss_fn")
     key = jax.random.key(0) if key is None else key
     yours = grad_fn(params, *args)
     if jax.tree.structure(yours) != jax.tree.structure(params):
