@@ -45,8 +45,8 @@ def measured_on(env: dict) -> str:
 def _value(v) -> str:
     if isinstance(v, bool) or v is None:
         return "-" if v is None else str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.3g}"
+    if isinstance(v, float):  # ratios near a goal of 1 need their third decimal
+        return f"{v:.3f}" if 0.1 <= abs(v) < 100 else f"{v:.3g}"
     return str(v)
 
 
