@@ -8,6 +8,13 @@
   whether ``jax.test_util.check_grads`` (float32, its default tolerances) passes a correct
   gradient and flags a planted one.
 
+The cost's ``backprop`` reference is a ``common.timeit`` dict (with ``recompiled``); the
+verifier's own time is a plain median of whole calls (``verify_gradient`` is not one jitted
+function: each call traces).
+
+``--quick`` (the smoke test's mode: a few seconds) keeps every section and field but measures one
+network (16-8-4) in one mode (directions), 3 repeats, and the planted bugs in float32 only.
+
     python -m benchmarks.verifier [--quick]
 """
 
@@ -26,24 +33,31 @@ import handbackprop as hbp  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 NAME = "verifier"
+GOALS = {"planted_right_leaf_fraction": 1.0}
 
 
 def _case(sizes, dtype, batch=16, seed=0):
     net = hbp.MLP(sizes, activation="tanh", l2=0.1)
-    kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
-    params = hbp.init_params(kp, net, dtype)
-    x = jax.random.normal(kx, (batch, sizes[0]), dtype)
-    y = jax.random.normal(ky, (batch, sizes[-1]), dtype)
+
+    @jax.jit  # one compilation instead of one per eager random op
+    def draw(key):
+        kp, kx, ky = jax.random.split(key, 3)
+        return (hbp.init_params(kp, net, dtype), jax.random.normal(kx, (batch, sizes[0]), dtype),
+                jax.random.normal(ky, (batch, sizes[-1]), dtype))
+
+    params, x, y = draw(jax.random.key(seed))
     return net, params, x, y
 
 
-def _cost(sizes, repeats):
+def _cost(sizes, repeats, modes=(False, True)):
+    """Rows for ``exhaustive`` in ``modes`` (False: directions only; True: every coordinate)."""
     net, params, x, y = _case(sizes, jnp.float64)
     loss = lambda p, x, y: hbp.loss(net, p, x, y)  # noqa: E731
     grad = jax.jit(lambda p, x, y: hbp.backprop(net, p, x, y))
-    one = common.timeit(grad, params, x, y, repeats=repeats)["median_s"]
+    timing = common.timeit(grad, params, x, y, repeats=repeats)
+    one = timing["median_s"]
     rows = []
-    for exhaustive in (False, True):
+    for exhaustive in modes:
         hbp.verify_gradient(loss, grad, params, x, y, exhaustive=exhaustive)  # compile
         times = []
         for _ in range(max(3, repeats // 4)):
@@ -53,7 +67,8 @@ def _cost(sizes, repeats):
         rows.append({"sizes": "-".join(map(str, sizes)), "params": net.num_params,
                      "mode": "exhaustive" if exhaustive else "directions", "evaluations": report.evaluations,
                      "verify_s": float(np.median(times)), "backprop_s": one,
-                     "ratio": float(np.median(times)) / one, "ok": report.ok})
+                     "ratio": float(np.median(times)) / one, "ok": report.ok,
+                     "backprop_timing": timing})
     return rows
 
 
@@ -62,11 +77,11 @@ def _accuracy(sizes):
     for dtype in (jnp.float32, jnp.float64):
         net, params, x, y = _case(sizes, dtype)
         f = lambda p: hbp.loss(net, p, x, y)  # noqa: E731
-        auto = jax.grad(f)(params)
-        scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(auto))
+        auto = [np.asarray(a) for a in jax.tree.leaves(jax.jit(jax.grad(f))(params))]
+        scale = max(float(np.max(np.abs(a))) for a in auto)
         for label, eps in (("cbrt(u)", None), ("fixed 1e-4", 1e-4)):
-            num = hbp.numerical_grad(f, params, eps=eps)
-            err = max(float(jnp.max(jnp.abs(n - a))) for n, a in zip(jax.tree.leaves(num), jax.tree.leaves(auto)))
+            num = jax.tree.leaves(hbp.numerical_grad(f, params, eps=eps))
+            err = max(float(np.max(np.abs(np.asarray(n) - a))) for n, a in zip(num, auto))
             rows.append({"dtype": jnp.dtype(dtype).name, "step": label, "max_rel_error": err / scale})
     return rows
 
@@ -79,10 +94,10 @@ def _planted():
     return test_verify
 
 
-def _detection():
+def _detection(dtypes=(jnp.float32, jnp.float64)):
     planted = _planted()
     rows = []
-    for dtype in (jnp.float32, jnp.float64):
+    for dtype in dtypes:
         params, x, y = planted._setup(planted.NET, dtype)
         for bug, (fn, culprits) in sorted(planted.PLANTED.items()):
             report = hbp.verify_gradient(planted._loss, fn, params, x, y)
@@ -117,25 +132,58 @@ def _check_grads_float32():
     return out
 
 
+def _summary(cost, accuracy, detection, check_grads):
+    """Headline figures: the largest network's cost, the FD errors, the planted bugs caught."""
+    summary = {f"{r['mode']}_ratio": r["ratio"] for r in cost if r["sizes"] == cost[-1]["sizes"]}
+    summary.update({f"fd_error_{r['dtype']}_{'cbrt' if r['step'] == 'cbrt(u)' else 'fixed'}":
+                    r["max_rel_error"] for r in accuracy})
+    summary["planted_right_leaf_fraction"] = sum(r["right_leaf"] for r in detection) / len(detection)
+    summary["check_grads_flags_one_element"] = check_grads["one element 1e-3"] == "fail"
+    summary["goals"] = GOALS
+    return summary
+
+
 def run(quick: bool = False, results_dir=None) -> dict:
-    sizes = [(16, 8, 4)] if quick else [(16, 8, 4), (64, 32, 10), (256, 128, 10)]
-    cost = [row for s in sizes for row in _cost(s, 5 if quick else 20)]
+    """Measure, print and save (``<results>/verifier.json``): ``cost``, ``accuracy``,
+    ``detection``, ``check_grads_float32``, ``summary`` (with ``goals``) and ``tables``."""
+    if quick:  # one network, one mode, one dtype for the planted bugs: few compilations
+        sizes, modes, repeats, det_dtypes = [(16, 8, 4)], (False,), 3, (jnp.float32,)
+    else:
+        sizes, modes, repeats = [(16, 8, 4), (64, 32, 10), (256, 128, 10)], (False, True), 20
+        det_dtypes = (jnp.float32, jnp.float64)
+    cost = [row for s in sizes for row in _cost(s, repeats, modes)]
+    accuracy = _accuracy((16, 8, 4) if quick else (64, 32, 10))
+    detection = _detection(det_dtypes)
+    check_grads = _check_grads_float32()
+    tables = {
+        "cost": common.markdown_table(cost, [
+            ("sizes", "network", "{}"), ("params", "params", "{}"), ("mode", "mode", "{}"),
+            ("evaluations", "loss evals", "{}"), ("ratio", "time / backprop", "{:.0f}x")]),
+        "accuracy": common.markdown_table(accuracy, [
+            ("dtype", "dtype", "{}"), ("step", "step", "{}"),
+            ("max_rel_error", "max |FD - jax.grad| / max|g|", "{:.1e}")]),
+        "detection": common.markdown_table(detection, [
+            ("dtype", "dtype", "{}"), ("bug", "planted bug", "{}"), ("flagged", "flagged", "{}"),
+            ("right_leaf", "at the right leaf", "{}")]),
+        "check_grads_float32": common.markdown_table(
+            [{"gradient": k, "verdict": v} for k, v in check_grads.items()],
+            [("gradient", "gradient (checker)", "{}"), ("verdict", "verdict", "{}")]),
+    }
     result = {
+        "quick": quick,
+        "dtype": "float64 (cost), float32 and float64 (accuracy, detection)",
         "cost": cost,
-        "accuracy": _accuracy((16, 8, 4) if quick else (64, 32, 10)),
-        "detection": _detection(),
-        "check_grads_float32": _check_grads_float32(),
+        "accuracy": accuracy,
+        "detection": detection,
+        "check_grads_float32": check_grads,
+        "summary": _summary(cost, accuracy, detection, check_grads),
+        "tables": tables,
     }
     path = common.save(NAME, result, results_dir)
-    print(common.markdown_table(cost, [("sizes", "network", "{}"), ("params", "params", "{}"),
-                                       ("mode", "mode", "{}"), ("evaluations", "loss evals", "{}"),
-                                       ("ratio", "time / backprop", "{:.0f}x")]))
-    print()
-    print(common.markdown_table(result["accuracy"], [("dtype", "dtype", "{}"), ("step", "step", "{}"),
-                                                     ("max_rel_error", "max |FD - jax.grad| / max|g|", "{:.1e}")]))
+    for title, table in tables.items():
+        print(f"{title}:\n{table}\n")
     det = result["detection"]
-    print(f"\nplanted bugs flagged at the right leaf: {sum(r['right_leaf'] for r in det)} / {len(det)}")
-    print("check_grads (float32) vs handbackprop:", result["check_grads_float32"])
+    print(f"planted bugs flagged at the right leaf: {sum(r['right_leaf'] for r in det)} / {len(det)}")
     print(f"saved {path}")
     return result
 

@@ -1,7 +1,10 @@
 """Smoke test of the benchmarks: ``python -m benchmarks --quick`` into a temporary folder.
 
-Checks the files and their fields (JSON per benchmark with its environment, the re-compilation
-check, summary.md, PNG plots, the README block), never the timings.
+Runs every benchmark of ``run.BENCHMARKS`` and checks the files and their fields (JSON per
+benchmark with its environment, summary and goals, tables, timings and the re-compilation check,
+summary.md, PNG plots, the README block), never the timings. A benchmark may be skipped only for
+a reason the runner documents: an optional package (``run.OPTIONAL``) that is not installed;
+likewise the training benchmark leaves out PyTorch only when ``torch`` is not installed.
 """
 
 import datetime
@@ -23,9 +26,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVIRONMENT = {"date", "jax", "jaxlib", "backend", "device_kind", "device_count", "threads"}
 TIMING = {"compile_s", "median_s", "min_s", "max_s", "iqr_s", "repeats", "recompiled"}
-# The benchmarks whose --quick mode takes seconds on two cores; add training and verifier
-# (runner.BENCHMARKS) once theirs do: the whole run must stay under a minute.
-SMOKE = ("backprop_vs_autodiff", "complexity", "per_example")
+# Every benchmark: each --quick mode takes seconds on two cores (about a minute in all).
+SMOKE = runner.BENCHMARKS
+
+
+def installed(module) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("results")
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--results", str(folder),
                            "--only", *SMOKE],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     index = json.loads((folder / "index.json").read_text())
     return folder, {o["name"]: o for o in index["outcomes"]}
@@ -42,16 +48,18 @@ def results(tmp_path_factory):
 
 def test_every_benchmark_ran_or_was_rightly_skipped(results):
     _, outcomes = results
-    assert set(outcomes) == set(SMOKE) and set(SMOKE) <= set(runner.BENCHMARKS)
+    assert set(outcomes) == set(runner.BENCHMARKS)
     for name, o in outcomes.items():
-        missing = not (ROOT / "benchmarks" / f"{name}.py").exists()
-        optional_absent = any(importlib.util.find_spec(m) is None for m in runner.OPTIONAL)
-        if o["status"] == "skipped":
-            assert missing or optional_absent, o
+        assert (ROOT / "benchmarks" / f"{name}.py").exists(), name
+        if o["status"] == "skipped":  # only for an optional package that is really not installed
+            absent = [m for m in runner.OPTIONAL if not installed(m)]
+            assert any(o["reason"] == f"needs {runner.OPTIONAL[m]} (`{m}`), not installed"
+                       for m in absent), o
         else:
             assert o["status"] == "ok", o
-    assert outcomes["complexity"]["status"] == "ok"
-    assert outcomes["backprop_vs_autodiff"]["status"] == "ok"
+            assert o["reason"].endswith("none re-compiled after warm-up (checked)"), o
+    for name in ("backprop_vs_autodiff", "complexity", "per_example", "scaling", "verifier"):
+        assert outcomes[name]["status"] == "ok", outcomes[name]  # no optional package needed
 
 
 def test_json_is_well_formed(results):
@@ -63,12 +71,64 @@ def test_json_is_well_formed(results):
         assert ENVIRONMENT <= set(env), (name, ENVIRONMENT - set(env))
         assert env["device_count"] >= 1 and env["threads"] >= 1 and env["device_kind"]
         datetime.datetime.fromisoformat(env["date"])
-        assert payload["quick"] is True
-        assert set(payload) - {"benchmark", "environment", "quick"}, f"{name}: no figures"
-        for path, timing in runner.timings(payload):
+        assert payload["quick"] is True and payload["dtype"]
+        summary = payload["summary"]
+        assert isinstance(summary["goals"], dict), name
+        for goal in summary["goals"]:  # a goal names its figure, or the end of its name
+            assert any(k == goal or k.endswith("_" + goal) for k in summary if k != "goals"), (name, goal)
+        assert set(summary) - {"goals"}, f"{name}: no headline figures"
+        tables = payload["tables"] if "tables" in payload else {"": payload["table"]}
+        assert tables and all(isinstance(t, str) and "|---" in t for t in tables.values()), name
+        timings = list(runner.timings(payload))
+        assert timings, f"{name}: no timing dicts"
+        for path, timing in timings:
             assert TIMING <= set(timing), (name, path, TIMING - set(timing))
             assert timing["recompiled"] is False, (name, path)
-            assert timing["repeats"] >= 1 and timing["median_s"] > 0
+            assert timing["repeats"] >= 3 and timing["median_s"] > 0
+
+
+def _payload(results, name):
+    folder, outcomes = results
+    if outcomes[name]["status"] != "ok":
+        pytest.skip(f"{name}: {outcomes[name]['reason']}")
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_training_figures(results):
+    payload = _payload(results, "training")
+    libraries = [r["library"] for r in payload["rows"]]
+    # PyTorch is left out only when it is not installed (the runner says so), never otherwise.
+    assert libraries == ["handbackprop", "scikit-learn"] + ["pytorch"] * installed("torch")
+    assert set(payload["timings"]) == set(libraries)
+    for r in payload["rows"]:
+        assert {"samples_per_s", "speedup_ratio", "train_s", "first_run_s", "test_accuracy"} <= set(r)
+        assert 0 <= r["test_accuracy"] <= 1
+    assert {"speedup_vs_sklearn", "accuracy_handbackprop"} <= set(payload["summary"])
+    assert ("speedup_vs_torch" in payload["summary"]) == installed("torch")
+    assert {"epochs", "batch_size", "sizes", "train_examples"} <= set(payload)
+
+
+def test_verifier_figures(results):
+    payload = _payload(results, "verifier")
+    assert set(payload["tables"]) == {"cost", "accuracy", "detection", "check_grads_float32"}
+    assert payload["cost"] and all({"sizes", "mode", "evaluations", "ratio", "backprop_timing"}
+                                   <= set(r) for r in payload["cost"])
+    assert {(r["dtype"], r["step"]) for r in payload["accuracy"]} == {
+        (d, s) for d in ("float32", "float64") for s in ("cbrt(u)", "fixed 1e-4")}
+    assert payload["detection"] and all({"dtype", "bug", "flagged", "right_leaf"} <= set(r)
+                                        for r in payload["detection"])
+    assert set(payload["check_grads_float32"].values()) <= {"pass", "fail"}
+    assert {"planted_right_leaf_fraction", "directions_ratio", "fd_error_float32_cbrt"} <= set(payload["summary"])
+
+
+def test_scaling_figures(results):
+    payload = _payload(results, "scaling")
+    # --quick: 1 and 2 devices, measured in one subprocess (on a CPU, started with 2 devices).
+    measured = [r["devices"] for r in payload["rows"]]
+    assert sorted(measured + [int(n) for n in payload["skipped"]]) == [1, 2] and measured[0] == 1
+    for r in payload["rows"]:
+        assert {"steps_per_s", "examples_per_s", "speedup_ratio", "compile_s", "timing"} <= set(r)
+    assert payload["note"] and ("speedup_2_devices" in payload["summary"]) == (2 in measured)
 
 
 def test_complexity_figures(results):
@@ -95,6 +155,8 @@ def test_summary_and_plots(results):
         assert f"| {name} | {o['status']} |" in summary
         if o["status"] == "ok":
             assert f"## {name}" in summary
+            assert o["plots"] and all(p.startswith(name) and p.endswith(".png") for p in o["plots"]), o
+            assert all(f"]({p})" in summary for p in o["plots"]), name
         for png in o["plots"]:
             data = (folder / png).read_bytes()
             assert data.startswith(PNG) and len(data) > 1000, png
