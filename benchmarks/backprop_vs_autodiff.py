@@ -10,7 +10,6 @@ For each shape (width, depth L, batch B), in one process, float32, both jit-comp
     python -m benchmarks.backprop_vs_autodiff [--quick]
 """
 
-import argparse
 import itertools
 import statistics
 
@@ -74,15 +73,5 @@ def run(quick: bool = False, results_dir=None) -> dict:
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
-    parser.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args()
-    result = run(args.quick, args.results)
-    print(result["table"])
-    print({k: v for k, v in result["summary"].items() if k != "goals"}, "goals:", result["summary"]["goals"])
-
-
 if __name__ == "__main__":
-    main()
+    common.main(run, __doc__)

@@ -8,6 +8,7 @@ steady-state time that includes compilation is wrong). Every result file records
 jax/jaxlib versions, the device, the thread count and the date.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -132,3 +133,20 @@ def markdown_table(rows: list, columns: list) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def main(run, doc: str, argv=None) -> dict:
+    """The command line of one benchmark module, ``python -m benchmarks.<name> [--quick]
+    [--results DIR]``: runs ``run(quick, results_dir)``, prints its tables and summary."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds (CPU smoke runs)")
+    parser.add_argument("--results", default=None, help=f"results folder (default {RESULTS})")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick, results_dir=args.results)
+    tables = {"": result["table"]} if "table" in result else result.get("tables", {})
+    for title, table in tables.items():
+        print(f"{title}\n{table}\n" if title else f"{table}\n")
+    summary = dict(result.get("summary", {}))
+    print("summary:", {k: v for k, v in summary.items() if k != "goals"})
+    print("goals:", summary.get("goals"))
+    return result

@@ -25,7 +25,6 @@ slope between neighbouring sizes are recorded too. The finite-difference methods
     python -m benchmarks.complexity [--quick]
 """
 
-import argparse
 import functools
 import math
 import time
@@ -233,15 +232,5 @@ def plot(result, folder):
     return [path]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
-    parser.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args()
-    result = run(args.quick, args.results)
-    print(result["table"])
-    print({k: v for k, v in result["summary"].items() if k != "goals"})
-
-
 if __name__ == "__main__":
-    main()
+    common.main(run, __doc__)

@@ -16,13 +16,13 @@ Temporary memory is XLA's own count: ``jax.jit(f).lower(...).compile().memory_an
     python -m benchmarks.per_example [--quick]
 """
 
-import argparse
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 import handbackprop as hbp
+from benchmarks import common
 from benchmarks.common import markdown_table, save, timeit_interleaved
 
 CLIP = 1.0
@@ -131,7 +131,4 @@ def run(quick: bool = False, results_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (seconds)")
-    parser.add_argument("--results-dir", default=None, help="where to save (default benchmarks/results)")
-    run(**vars(parser.parse_args()))
+    common.main(run, __doc__)

@@ -118,13 +118,11 @@ def run(quick: bool = False, results_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (seconds)")
-    parser.add_argument("--results-dir", default=None,
-                        help="where to save (default benchmarks/results)")
-    parser.add_argument("--worker", type=int, nargs="+", help=argparse.SUPPRESS)  # counts, JSON out
-    args = parser.parse_args()
-    if args.worker:
+    if "--worker" in sys.argv:  # a subprocess of run(): measure these device counts, JSON out
+        worker = argparse.ArgumentParser()
+        worker.add_argument("--worker", type=int, nargs="+")
+        worker.add_argument("--quick", action="store_true")
+        args = worker.parse_args()
         print(json.dumps([measure(n, args.quick) for n in args.worker], default=float))
     else:
-        run(quick=args.quick, results_dir=args.results_dir)
+        common.main(run, __doc__)

@@ -25,7 +25,6 @@ libraries and the result's fields but trains a 64-16-10 network for 1 epoch on t
 training examples, 3 repeats.
 """
 
-import argparse
 import warnings
 
 import jax
@@ -148,6 +147,4 @@ def run(quick: bool = False, results_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny network, 256 examples, 1 epoch, 3 repeats: seconds")
-    run(quick=parser.parse_args().quick)
+    common.main(run, __doc__)

@@ -18,7 +18,6 @@ network (16-8-4) in one mode (directions), 3 repeats, and the planted bugs in fl
     python -m benchmarks.verifier [--quick]
 """
 
-import argparse
 import pathlib
 import sys
 import time
@@ -189,6 +188,4 @@ def run(quick: bool = False, results_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds)")
-    run(**vars(parser.parse_args()))
+    common.main(run, __doc__)
