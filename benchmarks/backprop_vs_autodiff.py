@@ -23,7 +23,7 @@ FULL = dict(widths=(64, 256, 512, 1024), depths=(2, 3, 4), batches=(32, 128, 512
 QUICK = dict(widths=(32, 64), depths=(2,), batches=(16,))
 
 
-def measure(width, depth, batch, repeats):
+def measure(width, depth, batch, repeats, min_seconds=0.0):
     net = hbp.MLP((width,) * depth + (10,), activation="relu", loss="softmax_cross_entropy")
     kp, kx, ky = jax.random.split(jax.random.key(0), 3)
     params = hbp.init_params(kp, net, jnp.float32)
@@ -35,8 +35,8 @@ def measure(width, depth, batch, repeats):
         "backprop": jax.jit(lambda p, x, y: hbp.backprop(net, p, x, y)),
         "jax_grad": jax.jit(jax.grad(lambda p, x, y: hbp.loss(net, p, x, y))),
     }
-    t = common.timeit_interleaved(fns, params, x, y, repeats=repeats)
-    mm = common.timeit(jax.jit(jnp.matmul), a, w, repeats=repeats)
+    t = common.timeit_interleaved(fns, params, x, y, repeats=repeats, min_seconds=min_seconds)
+    mm = common.timeit(jax.jit(jnp.matmul), a, w, repeats=repeats, min_seconds=min_seconds)
     weights = sum(d0 * d1 for d0, d1 in zip(net.sizes[:-1], net.sizes[1:]))
     matmul_rate = 2 * batch * width * width / mm["median_s"]
     step_rate = 6 * batch * weights / t["backprop"]["median_s"]
@@ -56,8 +56,10 @@ COLUMNS = [("width", "width", "{}"), ("depth", "L", "{}"), ("batch", "B", "{}"),
 
 def run(quick: bool = False, results_dir=None) -> dict:
     grid = QUICK if quick else FULL
-    repeats = 5 if quick else 20
-    rows = [measure(w, d, b, repeats)
+    # Full runs: at least 20 repeats and about a second of calls per variant (sub-millisecond
+    # shapes then take hundreds of repeats, and their medians stop jumping by 10%).
+    repeats, seconds = (5, 0.0) if quick else (20, 1.0)
+    rows = [measure(w, d, b, repeats, seconds)
             for w, d, b in itertools.product(grid["widths"], grid["depths"], grid["batches"])]
     ratios = [r["ratio"] for r in rows]
     big = [r["flop_fraction"] for r in rows if r["width"] >= 512 and r["batch"] >= 256]

@@ -84,7 +84,7 @@ def environment() -> dict:
     }
 
 
-def timeit(fn, *args, repeats=20) -> dict:
+def timeit(fn, *args, repeats=20, min_seconds=0.0) -> dict:
     """Time ``fn(*args)`` (already jitted): compile call apart, then ``repeats`` timed calls.
 
     Returns:
@@ -92,17 +92,27 @@ def timeit(fn, *args, repeats=20) -> dict:
       ``compile_s`` is the first call (trace, compile and one run); ``recompiled`` is whether
       anything was traced or compiled during the timed calls.
     """
-    return timeit_interleaved({"fn": fn}, *args, repeats=repeats)["fn"]
+    return timeit_interleaved({"fn": fn}, *args, repeats=repeats, min_seconds=min_seconds)["fn"]
 
 
-def timeit_interleaved(fns: dict, *args, repeats=20) -> dict:
+def timeit_interleaved(fns: dict, *args, repeats=20, min_seconds=0.0) -> dict:
     """Time several jitted variants of one computation, interleaving their repeats so that
-    a noisy neighbour slows them all alike. Returns ``{name: timeit-style dict}``."""
+    a noisy neighbour slows them all alike. Returns ``{name: timeit-style dict}``.
+
+    ``repeats`` is a minimum: with ``min_seconds``, fast functions repeat until each variant
+    has run about that long (estimated from one warm call), so that the median of sub-
+    millisecond calls is not at the mercy of a few scheduler hiccups.
+    """
     out, times, recompiled = {}, {k: [] for k in fns}, dict.fromkeys(fns, False)
+    warm = 0.0
     for k, f in fns.items():
         t0 = time.perf_counter()
         jax.block_until_ready(f(*args))
         out[k] = {"compile_s": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        warm = max(warm, time.perf_counter() - t0)
+    repeats = max(repeats, int(min_seconds / max(warm, 1e-9)))
     for _ in range(repeats):
         for k, f in fns.items():
             compiles = compile_count()
