@@ -63,10 +63,19 @@ def _reduce(net, per_example):
     return jnp.mean(per_example) if net.reduction == "mean" else jnp.sum(per_example)
 
 
-def _l2_penalty(net, params):
+def l2_penalty(net: MLP, params):
+    """``(l2 / 2) sum_l ||W^(l)||^2``, biases excluded; ``0.0`` without L2."""
     if not net.l2:
         return 0.0
     return 0.5 * net.l2 * sum(jnp.sum(layer["w"] ** 2) for layer in params)
+
+
+def add_l2_gradient(net: MLP, params, grads):
+    """``grads`` plus the penalty's gradient ``l2 W`` on each weight: for gradients formed
+    without it (per shard, or clipped and noised), since it does not depend on the data."""
+    if not net.l2:
+        return grads
+    return tuple({**g, "w": g["w"] + net.l2 * p["w"]} for g, p in zip(grads, params))
 
 
 def loss(net: MLP, params, x, y):
@@ -88,7 +97,7 @@ def loss(net: MLP, params, x, y):
 
 def _loss_from_cache(net, params, cache, y):
     per_example = net.loss_fn.value(cache.ss[-1], cache.xs[-1], y)
-    return _reduce(net, per_example) + _l2_penalty(net, params)
+    return _reduce(net, per_example) + l2_penalty(net, params)
 
 
 def value_and_backprop(net: MLP, params, x, y):

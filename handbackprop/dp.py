@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from handbackprop.mlp import MLP
+from handbackprop.backprop import add_l2_gradient
 from handbackprop.checks import check_int, check_scalar
 from handbackprop.per_example import clipped_grad
 
@@ -105,10 +106,7 @@ def _noisy_mean(net, params, clipped_sum, batch, key, clip_norm, noise_multiplie
         (g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype)) / batch
         for g, k in zip(leaves, jax.random.split(key, len(leaves)))
     ]
-    grads = jax.tree.unflatten(tree, noisy)
-    if not net.l2:
-        return grads
-    return tuple({**g, "w": g["w"] + net.l2 * p["w"]} for g, p in zip(grads, params))
+    return add_l2_gradient(net, params, jax.tree.unflatten(tree, noisy))
 
 
 def dp_sgd_step(net: MLP, params, x, y, key, learning_rate, clip_norm, noise_multiplier):

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from handbackprop import dp as _dp
 from handbackprop import per_example as _per_example
-from handbackprop.backprop import _l2_penalty, value_and_backprop
+from handbackprop.backprop import add_l2_gradient, l2_penalty, value_and_backprop
 from handbackprop.checks import check_int, check_scalar
 from handbackprop.mlp import MLP, check_x, check_y
 
@@ -209,10 +209,7 @@ def sharded_value_and_backprop(net: MLP, params, x, y, mesh):
 
     value, grads = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                                  out_specs=(P(), P()))(params, x, y)
-    if not net.l2:
-        return value, grads
-    grads = tuple({**g, "w": g["w"] + net.l2 * p["w"]} for g, p in zip(grads, params))
-    return value + _l2_penalty(net, params), grads
+    return value + l2_penalty(net, params), add_l2_gradient(net, params, grads)
 
 
 def sharded_backprop(net: MLP, params, x, y, mesh):
