@@ -1,22 +1,37 @@
-"""Per-example gradients, their norms and DP-SGD's clipped sum: handbackprop against JAX's way.
+"""Per-example gradients, their norms, and DP-SGD: handbackprop against JAX's way.
 
-Two interleaved groups per network (float32, jit, DESIGN.md section 5), each timed as ratios
-in one process:
+Three interleaved groups (float32, jit, DESIGN.md section 5), each timed as ratios in one
+process on the same shapes:
 
-- materialised: ``per_example_grads`` (``"outer"`` and ``"vmap"``) against
-  ``jax.vmap(jax.grad)``, all returning the B gradients (outputs, so XLA cannot fold them
-  away), and the time to merely fill an output of that size: on a CPU, writing B x P fresh
-  floats (page faults included) is most of the cost, and no method can avoid it.
-- batch-sized: ``per_example_grad_norms``, ``clipped_grad`` and ``gradient_stats`` against
-  one batch ``backprop``, and against clipping ``jax.vmap(jax.grad)``'s materialised
-  gradients (the JAX example's and jax_privacy's DP-SGD).
+- materialised, on ``MLP((w, w, w, 10))``: ``per_example_grads`` (``"outer"`` and ``"vmap"``)
+  against ``jax.vmap(jax.grad)``, all returning the B gradients (outputs, so XLA cannot fold
+  them away), and the time to merely fill an output of that size.
+- batch-sized, same networks: ``per_example_grad_norms``, ``clipped_grad`` and
+  ``gradient_stats`` against one batch ``backprop``, and against clipping
+  ``jax.vmap(jax.grad)``'s materialised gradients.
+- DP-SGD steps, on the MNIST-sized MLP 784-512-512-10 and the Adult-data MLP 104-50-2 of
+  Subramani et al.'s JAX DP-SGD study: ``dp_sgd_step`` against a plain SGD step (backprop,
+  then ``w - eta g``) and against the canonical step that clips ``jax.vmap(jax.grad)``'s
+  gradients (the JAX example's and jax_privacy's way); also the step with sigma = 0 (clipping
+  alone: a known zero skips the noise) and drawing the noise alone (P normals).
 
-Temporary memory is XLA's own count: ``jax.jit(f).lower(...).compile().memory_analysis()``.
+On a CPU, a fresh output of B x P floats costs mostly page faults: glibc serves every
+allocation above 32 MiB with a new ``mmap``, and the kernel faults it in 4 KiB at a time.
+Both methods pay it, which hides their difference; so the materialised and DP-SGD groups are
+measured twice, as every process gets them, and in a child process whose ``malloc`` asks for
+transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc >= 2.35; skipped
+elsewhere), as an accelerator's caching allocator would serve them. Temporary memory is XLA's
+own count: ``jax.jit(f).lower(...).compile().memory_analysis()``.
 
     python -m benchmarks.per_example [--quick]
 """
 
 import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +40,12 @@ import handbackprop as hbp
 from benchmarks import common
 from benchmarks.common import markdown_table, save, timeit_interleaved
 
-CLIP = 1.0
+CLIP, SIGMA, LR = 1.0, 1.1, 0.1
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+DP_NETS = {"mnist_mlp": (784, 512, 512, 10), "adult_mlp": (104, 50, 2)}
+GOALS = {"outer_vs_vmap_grad_time": 0.5, "norms_vs_backprop_time": 1.0,
+         "norms_vs_backprop_temp": 1.1, "mnist_mlp_dp_vs_sgd_step_time": 1.2,
+         "adult_mlp_dp_vs_sgd_step_time": 1.5, "mnist_mlp_dp_speedup_vs_vmap_grad_dp": 20.0}
 
 
 def _jax_way(net):
@@ -43,23 +63,29 @@ def _jax_way(net):
     return per_example, clipped_sum
 
 
-def _problem(width, batch, classes=10):
-    net = hbp.MLP((width, width, width, classes), activation="relu",
-                  loss="softmax_cross_entropy")
+def _noise(tree, key):
+    """N(0, I) for every leaf, one split of ``key`` each."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+
+
+def _problem(sizes, batch):
+    net = hbp.MLP(sizes, activation="relu", loss="softmax_cross_entropy")
     kp, kx, ky = jax.random.split(jax.random.key(0), 3)
     params = hbp.init_params(kp, net, jnp.float32)
-    x = jax.random.normal(kx, (batch, width), jnp.float32)
-    y = jax.random.randint(ky, (batch,), 0, classes)
+    x = jax.random.normal(kx, (batch, sizes[0]), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, sizes[-1])
     return net, (params, x, y)
 
 
 def _measure(group, baseline, args, repeats, extra):
     """Time a dict of functions interleaved, jitted; rows with ratios and temp memory."""
     fns = {k: jax.jit(f) for k, f in group.items()}
-    times = timeit_interleaved(fns, *args, repeats=repeats)
+    times = timeit_interleaved(fns, *args, repeats=repeats, min_seconds=1.0)
     mem = {k: f.lower(*args).compile().memory_analysis() for k, f in fns.items()}
     return [{
-        "width": extra["width"], "batch": extra["batch"], "variant": k, "baseline": baseline,
+        **extra, "variant": k, "baseline": baseline,
         "median_ms": 1e3 * t["median_s"], "iqr_ms": 1e3 * t["iqr_s"],
         "ratio": t["median_s"] / times[baseline]["median_s"],
         "temp_mib": mem[k].temp_size_in_bytes / 2**20,
@@ -69,63 +95,162 @@ def _measure(group, baseline, args, repeats, extra):
     } for k, t in times.items()]
 
 
-COLUMNS = [("width", "width", "{}"), ("batch", "B", "{}"), ("variant", "variant", "{}"),
+def materialised(width, batch, repeats, allocator="default"):
+    """The B gradients: ``per_example_grads`` against ``jax.vmap(jax.grad)`` and a plain fill."""
+    net, args = _problem((width, width, width, 10), batch)
+    return _measure({
+        "per_example_grads outer": lambda p, x, y: hbp.per_example_grads(net, p, x, y),
+        "per_example_grads vmap": lambda p, x, y: hbp.per_example_grads(net, p, x, y, "vmap"),
+        "jax.vmap(jax.grad)": _jax_way(net)[0],
+        "fill an output of that size": lambda p, x, y: jax.tree.map(
+            lambda a: jnp.full((batch,) + a.shape, x[0, 0]), p),
+    }, "jax.vmap(jax.grad)", args, repeats, _extra(net, batch, allocator))
+
+
+def batch_sized(width, batch, repeats):
+    """Norms, clipped sum and statistics against one batch ``backprop``."""
+    net, args = _problem((width, width, width, 10), batch)
+    return _measure({
+        "backprop": lambda p, x, y: hbp.backprop(net, p, x, y),
+        "per_example_grad_norms": lambda p, x, y: hbp.per_example_grad_norms(net, p, x, y),
+        "clipped_grad": lambda p, x, y: hbp.clipped_grad(net, p, x, y, CLIP).sum,
+        "gradient_stats": lambda p, x, y: hbp.gradient_stats(net, p, x, y),
+        "clip jax.vmap(jax.grad)": _jax_way(net)[1],
+    }, "backprop", args, repeats, _extra(net, batch, "default"))
+
+
+def dp_steps(sizes, batch, repeats, allocator="default"):
+    """A DP-SGD step against a plain SGD step and against the ``jax.vmap(jax.grad)`` DP step."""
+    net, (params, x, y) = _problem(sizes, batch)
+    clipped_sum = _jax_way(net)[1]
+
+    def vmap_grad_dp(p, x, y, key):  # clip the materialised gradients, noise the sum, average
+        g = jax.tree.map(lambda s, z: (s + SIGMA * CLIP * z) / batch, clipped_sum(p, x, y),
+                         _noise(p, key))
+        return jax.tree.map(lambda a, b: a - LR * b, p, g)
+
+    return _measure({
+        "SGD step": lambda p, x, y, key: jax.tree.map(
+            lambda a, g: a - LR * g, p, hbp.backprop(net, p, x, y)),
+        "dp_sgd_step": lambda p, x, y, key: hbp.dp_sgd_step(net, p, x, y, key, LR, CLIP, SIGMA),
+        "dp_sgd_step, sigma = 0": lambda p, x, y, key: hbp.dp_sgd_step(
+            net, p, x, y, key, LR, CLIP, 0.0),
+        "the noise alone": lambda p, x, y, key: _noise(p, key),
+        "DP step from jax.vmap(jax.grad)": vmap_grad_dp,
+    }, "SGD step", (params, x, y, jax.random.key(1)), repeats, _extra(net, batch, allocator))
+
+
+def _extra(net, batch, allocator):
+    return {"network": "-".join(map(str, net.sizes)), "batch": batch, "allocator": allocator}
+
+
+def _plan(quick):
+    """``(widths, batch, dp nets, repeats)``: the full sizes, or seconds' worth with ``quick``."""
+    if quick:
+        return (64, 128), 64, {"mnist_mlp": (64, 32, 32, 10), "adult_mlp": (104, 50, 2)}, 5
+    return (256, 512), 256, DP_NETS, 20
+
+
+def allocator_groups(quick, allocator="default"):
+    """The groups that write B x P floats (materialised gradients, DP steps) as rows."""
+    widths, batch, nets, repeats = _plan(quick)
+    rows = [r for w in widths for r in materialised(w, batch, repeats, allocator)]
+    return rows + [r for s in nets.values() for r in dp_steps(s, batch, repeats, allocator)]
+
+
+def _huge_pages_rows(quick):
+    """:func:`allocator_groups` in a child process with huge-page ``malloc``; ``[]`` where glibc
+    has no such tunable (not Linux, or glibc < 2.35)."""
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+        print(f"huge pages: needs glibc >= 2.35, this is {libc or 'not glibc'} {version}; skipped")
+        return []
+    code = ("import json, sys; from benchmarks import per_example as m; "
+            f"json.dump(m.allocator_groups({quick}, 'huge pages'), sys.stdout, default=float)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **HUGE_PAGES},
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+COLUMNS = [("network", "network", "{}"), ("batch", "B", "{}"), ("variant", "variant", "{}"),
            ("median_ms", "median ms", "{:.2f}"), ("iqr_ms", "IQR ms", "{:.2f}"),
            ("baseline", "ratio to", "{}"), ("ratio", "time ratio", "{:.3f}"),
            ("temp_mib", "temp MiB", "{:.2f}"), ("temp_ratio", "temp ratio", "{:.3f}"),
            ("output_mib", "output MiB", "{:.1f}")]
-GOALS = {"outer_vs_vmap_grad_time": 0.5, "norms_vs_backprop_time": 1.0,
-         "norms_vs_backprop_temp": 1.1}
+
+
+def _summary(rows, widths, nets):
+    def row(network, variant, allocator="default"):
+        return next(r for r in rows if (r["network"], r["variant"], r["allocator"]) ==
+                    (network, variant, allocator))
+
+    allocators = sorted({r["allocator"] for r in rows}, key=lambda a: a != "default")
+    summary = {}
+    for w in widths:
+        net = f"{w}-{w}-{w}-10"
+        for a in allocators:
+            tag = "" if a == "default" else "_huge_pages"
+            outer = row(net, "per_example_grads outer", a)
+            summary[f"w{w}_outer_vs_fill_time{tag}"] = (
+                outer["median_ms"] / row(net, "fill an output of that size", a)["median_ms"])
+            summary[f"w{w}{tag}_outer_vs_vmap_grad_time"] = outer["ratio"]
+        norms = row(net, "per_example_grad_norms")
+        summary.update({
+            f"w{w}_norms_vs_backprop_time": norms["ratio"],
+            f"w{w}_norms_vs_backprop_temp": norms["temp_ratio"],
+            f"w{w}_clipped_grad_vs_backprop_time": row(net, "clipped_grad")["ratio"],
+            f"w{w}_clip_vmap_grad_vs_clipped_grad_time":
+                row(net, "clip jax.vmap(jax.grad)")["median_ms"] / row(net, "clipped_grad")["median_ms"],
+        })
+    for name, sizes in nets.items():
+        net = "-".join(map(str, sizes))
+        for a in allocators:
+            tag = "" if a == "default" else "_huge_pages"
+            dp = row(net, "dp_sgd_step", a)
+            summary[f"{name}{tag}_clipping_vs_sgd_step_time"] = row(net, "dp_sgd_step, sigma = 0", a)["ratio"]
+            summary[f"{name}{tag}_noise_vs_sgd_step_time"] = row(net, "the noise alone", a)["ratio"]
+            summary[f"{name}{tag}_dp_vs_sgd_step_time"] = dp["ratio"]
+            summary[f"{name}{tag}_dp_speedup_vs_vmap_grad_dp"] = (
+                row(net, "DP step from jax.vmap(jax.grad)", a)["median_ms"] / dp["median_ms"])
+    return summary
 
 
 def run(quick: bool = False, results_dir=None) -> dict:
-    """Both groups for each width, float32, jitted; prints and saves the table.
+    """All groups, float32, jitted; prints and saves the tables.
 
     Returns:
-      ``{"rows", "summary" (with "goals"), "table", ...}`` as saved to ``per_example.json``.
+      ``{"rows", "summary" (with "goals"), "tables", ...}`` as saved to ``per_example.json``.
     """
-    batch, widths, repeats = (64, (64, 128), 5) if quick else (256, (256, 512), 20)
-    rows, summary = [], {}
-    for width in widths:
-        net, args = _problem(width, batch)
-        vmap_grad, jax_clipped = _jax_way(net)
-        extra = {"width": width, "batch": batch}
-        rows += _measure({
-            "per_example_grads outer": lambda p, x, y: hbp.per_example_grads(net, p, x, y),
-            "per_example_grads vmap": lambda p, x, y: hbp.per_example_grads(
-                net, p, x, y, method="vmap"),
-            "jax.vmap(jax.grad)": vmap_grad,
-            "fill an output of that size": lambda p, x, y: jax.tree.map(
-                lambda a: jnp.full((batch,) + a.shape, x[0, 0]), p),
-        }, "jax.vmap(jax.grad)", args, repeats, extra)
-        rows += _measure({
-            "backprop": lambda p, x, y: hbp.backprop(net, p, x, y),
-            "per_example_grad_norms": lambda p, x, y: hbp.per_example_grad_norms(net, p, x, y),
-            "clipped_grad": lambda p, x, y: hbp.clipped_grad(net, p, x, y, CLIP).sum,
-            "gradient_stats": lambda p, x, y: hbp.gradient_stats(net, p, x, y),
-            "clip jax.vmap(jax.grad)": jax_clipped,
-        }, "backprop", args, repeats, extra)
-        row = {r["variant"]: r for r in rows if r["width"] == width}
-        outer, norms = row["per_example_grads outer"], row["per_example_grad_norms"]
-        summary.update({
-            f"w{width}_outer_vs_vmap_grad_time": outer["ratio"],
-            f"w{width}_outer_vs_fill_time":
-                outer["median_ms"] / row["fill an output of that size"]["median_ms"],
-            f"w{width}_norms_vs_backprop_time": norms["ratio"],
-            f"w{width}_norms_vs_backprop_temp": norms["temp_ratio"],
-            f"w{width}_clipped_grad_vs_backprop_time": row["clipped_grad"]["ratio"],
-            f"w{width}_clip_vmap_grad_vs_clipped_grad_time":
-                row["clip jax.vmap(jax.grad)"]["median_ms"] / row["clipped_grad"]["median_ms"],
-        })
-    summary["goals"] = GOALS
-    result = {"quick": quick, "dtype": "float32", "network": "MLP((w, w, w, 10)), relu, softmax CE",
-              "rows": rows, "summary": summary, "table": markdown_table(rows, COLUMNS)}
+    widths, batch, nets, repeats = _plan(quick)
+    rows = [r for w in widths for r in batch_sized(w, batch, repeats)]
+    rows += allocator_groups(quick) + _huge_pages_rows(quick)
+    summary = _summary(rows, widths, nets)
+    summary["goals"] = {k: v for k, v in GOALS.items() if any(s.endswith(k) for s in summary)}
+
+    def table(keep):
+        return markdown_table([r for r in rows if keep(r)], COLUMNS)
+
+    materialised_variants = {"per_example_grads outer", "per_example_grads vmap",
+                             "jax.vmap(jax.grad)", "fill an output of that size"}
+    tables = {"batch-sized": table(lambda r: r["baseline"] == "backprop")}
+    for a in sorted({r["allocator"] for r in rows}):
+        title = "" if a == "default" else f", {a}"
+        tables[f"materialised{title}"] = table(
+            lambda r: r["allocator"] == a and r["variant"] in materialised_variants)
+        tables[f"DP-SGD steps{title}"] = table(
+            lambda r: r["allocator"] == a and r["baseline"] == "SGD step")
+    result = {"quick": quick, "dtype": "float32", "batch": batch,
+              "networks": {"materialised and batch-sized": [f"{w}-{w}-{w}-10" for w in widths],
+                           "dp": nets},
+              "activation": "relu", "loss": "softmax_cross_entropy", "clip_norm": CLIP,
+              "noise_multiplier": SIGMA, "huge_pages_env": HUGE_PAGES,
+              "rows": rows, "summary": summary, "tables": tables}
     path = save("per_example", result, results_dir)
-    print(result["table"])
     for k, v in summary.items():
         if k != "goals":
-            goal = next((g for name, g in GOALS.items() if k.endswith("_" + name)), None)
-            print(f"{k}: {v:.3f}" + ("" if goal is None else f" (goal <= {goal})"))
+            goal = next((g for name, g in GOALS.items() if k.endswith(name)), None)
+            sign = ">=" if "speedup" in k else "<="
+            print(f"{k}: {v:.3f}" + ("" if goal is None else f" (goal {sign} {goal})"))
     print(f"saved {path}")
     return result
 

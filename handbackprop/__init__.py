@@ -7,6 +7,7 @@ checked against ``jax.grad``, finite differences and a literal NumPy reference.
 from handbackprop import activations
 from handbackprop import checkpoint
 from handbackprop import data
+from handbackprop import dp
 from handbackprop import losses
 from handbackprop import parallel
 from handbackprop import train
@@ -20,6 +21,8 @@ from handbackprop.dp import DPSGD
 from handbackprop.dp import dp_epsilon
 from handbackprop.dp import dp_grad
 from handbackprop.dp import dp_sgd_step
+from handbackprop.dp import noisy_mean
+from handbackprop.dp import tree_normal
 from handbackprop.finite_diff import numerical_grad
 from handbackprop.losses import Loss
 from handbackprop.mlp import MLP
@@ -75,6 +78,7 @@ __all__ = (
     "data_parallel_mesh",
     "delta_recursion",
     "deltas",
+    "dp",
     "dp_epsilon",
     "dp_grad",
     "dp_sgd_step",
@@ -87,6 +91,7 @@ __all__ = (
     "init_state",
     "loss",
     "losses",
+    "noisy_mean",
     "numerical_grad",
     "parallel",
     "per_example_grad_norms",
@@ -98,6 +103,7 @@ __all__ = (
     "sharded_value_and_backprop",
     "train",
     "train_epoch",
+    "tree_normal",
     "value_and_backprop",
     "verify_gradient",
 )

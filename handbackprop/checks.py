@@ -54,3 +54,14 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
     return int(value)
+
+
+def check_key(key):
+    """Raise unless ``key`` is one ``jax.random`` key, typed (``key(0)``) or raw (``PRNGKey(0)``)."""
+    shape, dtype = np.shape(key), getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (typed and shape == () or dtype == jnp.uint32 and shape == (2,)):
+        raise TypeError(
+            f"key: expected one jax.random key such as jax.random.key(0), "
+            f"got shape {shape} dtype {dtype}"
+        )

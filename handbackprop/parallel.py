@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from handbackprop import dp as _dp
 from handbackprop import per_example as _per_example
 from handbackprop.backprop import add_l2_gradient, l2_penalty, value_and_backprop
-from handbackprop.checks import check_int, check_scalar
+from handbackprop.checks import check_int, check_key, check_scalar
+from handbackprop.dp import noisy_mean
 from handbackprop.mlp import MLP, check_x, check_y
 
 AXIS = "data"  # the mesh axis the batch is split over
@@ -263,6 +263,6 @@ def sharded_dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier, me
       A tuple like ``params``, replicated.
     """
     check_scalar("noise_multiplier", noise_multiplier, strict=False)
-    _dp._check_key(key)
+    check_key(key)
     clipped = sharded_clipped_grad(net, params, x, y, clip_norm, mesh)
-    return _dp._noisy_mean(net, params, clipped.sum, x.shape[0], key, clip_norm, noise_multiplier)
+    return noisy_mean(net, params, clipped.sum, x.shape[0], key, clip_norm, noise_multiplier)

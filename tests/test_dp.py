@@ -62,6 +62,21 @@ def test_same_key_same_noise():
     np.testing.assert_array_equal(_flat(raw), _flat(a))
 
 
+def test_tree_normal_is_one_draw_cut_into_leaves():
+    tree = ({"w": jnp.zeros((2, 3), jnp.float64), "b": jnp.zeros(3, jnp.float64)},
+            {"w": jnp.zeros((3, 1), jnp.float32)})
+    key = jax.random.key(5)
+    z = hbp.tree_normal(key, tree)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), z) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), tree)
+    # Leaves in jax.tree order take consecutive pieces of one float64 draw of all 12 numbers.
+    whole = jax.random.normal(key, (12,), jnp.float64)
+    np.testing.assert_array_equal(_flat(z)[:9], whole[:9])
+    np.testing.assert_array_equal(_flat(z)[9:], whole[9:].astype(jnp.float32))
+    with pytest.raises(TypeError, match="key: expected one jax.random key"):
+        hbp.tree_normal(jnp.zeros(3), tree)
+
+
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 def test_noiseless_step_is_clipped_sgd(reduction):
     net = hbp.MLP((4, 6, 3), activation="relu", loss="squared_error", l2=0.05,
@@ -71,6 +86,9 @@ def test_noiseless_step_is_clipped_sgd(reduction):
     clip = float(np.median(hbp.per_example_grad_norms(net, params, x, y)))  # clips about half
     want = _plus_l2(hbp.clipped_grad(net, params, x, y, clip).mean, params, net.l2)
     assert_trees_close(hbp.dp_grad(net, params, x, y, key, clip, 0.0), want, **EXACT64)
+    # A traced sigma = 0 (a jit argument) draws the noise and scales it by 0; a known one skips it.
+    traced = jax.jit(hbp.dp_grad, static_argnums=0)(net, params, x, y, key, clip, 0.0)
+    assert_trees_close(traced, want, **EXACT64)
     step = hbp.dp_sgd_step(net, params, x, y, key, lr, clip, 0)
     assert_trees_close(step, jax.tree.map(lambda p, g: p - lr * g, params, want), **EXACT64)
     # A bound above every norm: the batch-mean gradient, whatever net.reduction.
