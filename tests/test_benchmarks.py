@@ -11,6 +11,7 @@ import datetime
 import importlib.util
 import json
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -106,6 +107,34 @@ def test_training_figures(results):
     assert {"speedup_vs_sklearn", "accuracy_handbackprop"} <= set(payload["summary"])
     assert ("speedup_vs_torch" in payload["summary"]) == installed("torch")
     assert {"epochs", "batch_size", "sizes", "train_examples"} <= set(payload)
+    # Every library on every split (--quick: 2 splits x 1 seed); split 0 is the table's accuracy.
+    assert sorted((r["library"], r["split"]) for r in payload["accuracy_over_splits"]) == sorted(
+        (lib, s) for lib in libraries for s in (0, 1))
+    split0 = {r["library"]: r["mean_accuracy"] for r in payload["accuracy_over_splits"] if r["split"] == 0}
+    assert split0 == {r["library"]: r["test_accuracy"] for r in payload["rows"]}
+    summary = payload["summary"]
+    assert 0 < summary["flop_rate_fraction"] == pytest.approx(
+        summary["handbackprop_gflops"] / summary["numpy_one_thread_gflops"])
+
+
+def test_per_example_figures(results):
+    payload = _payload(results, "per_example")
+    libc, version = platform.libc_ver()
+    huge = libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+    allocators = ["default"] + ["huge pages"] * huge
+    want = {"batch-sized"} | {f"{g}{'' if a == 'default' else ', ' + a}"
+                              for g in ("materialised", "DP-SGD steps") for a in allocators}
+    assert set(payload["tables"]) == want
+    dp_rows = [r for r in payload["rows"] if r["baseline"] == "SGD step"]
+    assert {(r["network"], r["variant"], r["allocator"]) for r in dp_rows} == {
+        ("-".join(map(str, sizes)), v, a) for sizes in payload["networks"]["dp"].values()
+        for v in ("SGD step", "dp_sgd_step", "dp_sgd_step, sigma = 0", "the noise alone",
+                  "DP step from jax.vmap(jax.grad)") for a in allocators}
+    summary = payload["summary"]
+    for name in ("mnist_mlp", "adult_mlp"):
+        assert {f"{name}_dp_vs_sgd_step_time", f"{name}_clipping_vs_sgd_step_time",
+                f"{name}_dp_speedup_vs_vmap_grad_dp"} <= set(summary)
+    assert ("w64_huge_pages_outer_vs_vmap_grad_time" in summary) == huge
 
 
 def test_verifier_figures(results):
