@@ -26,6 +26,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import readme_table  # noqa: E402
 
 BENCHMARKS = (
+    "accuracy",  # the default training run's test metrics over splits and seeds, vs scikit-learn
     "backprop_vs_autodiff",  # hand backprop vs jax.grad over a shape grid; FLOP-rate fraction
     "complexity",  # the whole gradient: linear (backprop, jax.grad) vs quadratic (finite differences)
     "per_example",  # per-example gradients, norms and DP-SGD
@@ -104,6 +105,7 @@ def run_one(name, quick, folder) -> dict:
         outcome["reason"] = (
             f"re-compiled during the timed repeats: {', '.join(bad)}" if bad
             else f"{len(checked)} timings, none re-compiled after warm-up (checked)" if checked
+            else "untimed: figures other than speed" if result.get("timed") is False
             else "re-compilation not recorded (no timing dicts with 'recompiled' in the JSON)")
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]

@@ -48,7 +48,7 @@ def results(tmp_path_factory):
 
 
 def test_every_benchmark_ran_or_was_rightly_skipped(results):
-    _, outcomes = results
+    folder, outcomes = results
     assert set(outcomes) == set(runner.BENCHMARKS)
     for name, o in outcomes.items():
         assert (ROOT / "benchmarks" / f"{name}.py").exists(), name
@@ -58,7 +58,9 @@ def test_every_benchmark_ran_or_was_rightly_skipped(results):
                        for m in absent), o
         else:
             assert o["status"] == "ok", o
-            assert o["reason"].endswith("none re-compiled after warm-up (checked)"), o
+            untimed = json.loads((folder / f"{name}.json").read_text()).get("timed") is False
+            assert o["reason"] == "untimed: figures other than speed" if untimed else o[
+                "reason"].endswith("none re-compiled after warm-up (checked)"), o
     for name in ("backprop_vs_autodiff", "complexity", "per_example", "scaling", "verifier"):
         assert outcomes[name]["status"] == "ok", outcomes[name]  # no optional package needed
 
@@ -81,7 +83,7 @@ def test_json_is_well_formed(results):
         tables = payload["tables"] if "tables" in payload else {"": payload["table"]}
         assert tables and all(isinstance(t, str) and "|---" in t for t in tables.values()), name
         timings = list(runner.timings(payload))
-        assert timings, f"{name}: no timing dicts"
+        assert timings or payload.get("timed") is False, f"{name}: no timing dicts"
         for path, timing in timings:
             assert TIMING <= set(timing), (name, path, TIMING - set(timing))
             assert timing["recompiled"] is False, (name, path)
@@ -107,11 +109,6 @@ def test_training_figures(results):
     assert {"speedup_vs_sklearn", "accuracy_handbackprop"} <= set(payload["summary"])
     assert ("speedup_vs_torch" in payload["summary"]) == installed("torch")
     assert {"epochs", "batch_size", "sizes", "train_examples"} <= set(payload)
-    # Every library on every split (--quick: 2 splits x 1 seed); split 0 is the table's accuracy.
-    assert sorted((r["library"], r["split"]) for r in payload["accuracy_over_splits"]) == sorted(
-        (lib, s) for lib in libraries for s in (0, 1))
-    split0 = {r["library"]: r["mean_accuracy"] for r in payload["accuracy_over_splits"] if r["split"] == 0}
-    assert split0 == {r["library"]: r["test_accuracy"] for r in payload["rows"]}
     summary = payload["summary"]
     assert 0 < summary["flop_rate_fraction"] == pytest.approx(
         summary["handbackprop_gflops"] / summary["numpy_one_thread_gflops"])
@@ -135,6 +132,25 @@ def test_per_example_figures(results):
         assert {f"{name}_dp_vs_sgd_step_time", f"{name}_clipping_vs_sgd_step_time",
                 f"{name}_dp_speedup_vs_vmap_grad_dp"} <= set(summary)
     assert ("w64_huge_pages_outer_vs_vmap_grad_time" in summary) == huge
+
+
+def test_accuracy_figures(results):
+    payload = _payload(results, "accuracy")
+    from benchmarks.accuracy import SETS
+
+    # --quick: 2 split seeds x 1 training seed, both libraries, every data set.
+    assert sorted((r["dataset"], r["split"], r["library"]) for r in payload["rows"]) == sorted(
+        (d, s, lib) for d in SETS for s in (0, 1) for lib in ("handbackprop", "scikit-learn"))
+    for r in payload["rows"]:
+        assert r["metric"] == ("r2" if r["dataset"] == "diabetes" else "accuracy")
+        assert len(r["scores"]) == 1 and r["scores"][0] <= 1
+        assert r["metric"] == "r2" or r["scores"][0] >= 0
+    summary = payload["summary"]
+    for d in SETS:
+        ours = next(r for r in payload["rows"] if (r["dataset"], r["split"], r["library"]) ==
+                    (d, 0, "handbackprop"))
+        assert summary[f"{d}_default_run"] == ours["scores"][0]
+        assert {f"{d}_handbackprop_mean", f"{d}_scikit_learn_mean"} <= set(summary)
 
 
 def test_verifier_figures(results):
