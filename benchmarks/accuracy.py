@@ -108,5 +108,31 @@ def run(quick: bool = False, results_dir=None) -> dict:
     return result
 
 
+def plot(result, folder):
+    """Every run's score, one panel per data set, the default run circled; returns the PNG."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SETS), figsize=(4 * len(SETS), 4))
+    for ax, name in zip(axes, SETS):
+        for i, library in enumerate(("handbackprop", "scikit-learn")):
+            runs = [(r["split"], s) for r in result["rows"] if (r["dataset"], r["library"]) ==
+                    (name, library) for s in r["scores"]]
+            splits, scores = np.array(runs).T
+            ax.scatter(i + 0.06 * (splits - splits.mean()), scores, s=18, label=library)
+            ax.hlines(scores.mean(), i - 0.3, i + 0.3, colors="k")
+        ax.scatter([0], [result["summary"][f"{name}_default_run"]], s=120, facecolors="none",
+                   edgecolors="r", label="default run")
+        metric = next(r["metric"] for r in result["rows"] if r["dataset"] == name)
+        ax.set(xticks=[0, 1], xticklabels=["handbackprop", "scikit-learn"], ylabel=f"test {metric}",
+               title=f"{name}: {result['splits']} splits x {result['seeds']} seeds")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / "accuracy.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
 if __name__ == "__main__":
     common.main(run, __doc__)
