@@ -208,7 +208,9 @@ def verify_gradient(loss_fn, grad_fn, params, *args, key=None, num_directions=8,
     are in the module docstring and in ``report.tolerances``.
 
     Args:
-      loss_fn: ``loss_fn(params, *args) -> scalar``, JAX-traceable.
+      loss_fn: ``loss_fn(params, *args) -> scalar``, JAX-traceable. The checks compile once
+        per ``loss_fn`` (static under ``jax.jit``) and shapes: pass the same function object
+        (or an equal one) to verify again without compiling again.
       grad_fn: ``grad_fn(params, *args)``, the gradient under test: a pytree like ``params``
         (same structure, shapes, dtypes). Called once, as is (it need not be traceable).
       params: a pytree of floating arrays, n entries in all.
@@ -320,8 +322,7 @@ def check_backprop(net: MLP, params, x, y, *, key=None, num_directions=8, exhaus
       >>> hbp.check_backprop(net, params, x, y).ok
       True
     """
-    fn = functools.partial(_net_loss, net)
-    report = verify_gradient(fn, functools.partial(_jit_backprop, net), params, x, y, key=key,
+    report = verify_gradient(_NetLoss(net), functools.partial(_jit_backprop, net), params, x, y, key=key,
                              num_directions=num_directions, exhaustive=exhaustive, rtol=rtol, atol=atol)
     leaves = tuple(dataclasses.replace(leaf, name=_layer_name(leaf.name)) for leaf in report.leaves)
     u = fd.unit_roundoff(jnp.result_type(params[0]["w"]))
@@ -354,8 +355,15 @@ def _evaluate(loss_fn, params, args, num_directions, offsets, rel, zs, yours, ex
     return f0, auto, lines, coords, probe
 
 
-def _net_loss(net, params, x, y):
-    return net_loss(net, params, x, y)
+@dataclasses.dataclass(frozen=True)
+class _NetLoss:
+    """``net``'s loss as ``f(params, x, y)``; equal for equal networks, so that the jitted
+    checks (static in the loss function) compile once per network, not once per call."""
+
+    net: MLP
+
+    def __call__(self, params, x, y):
+        return net_loss(self.net, params, x, y)
 
 
 def _problem(y, p):

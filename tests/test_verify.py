@@ -226,6 +226,22 @@ def test_check_backprop_passes_and_names_layers(dtype):
     assert report.layers[1].deriv_error is None  # softmax: not elementwise
 
 
+def test_check_backprop_compiles_once_per_network():
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    net = hbp.MLP((4, 7, 3), activation="elu", loss="binary_cross_entropy")
+    params, x, y = _setup(net, jnp.float64)
+    other = jax.tree.map(lambda a: 1.5 * a, params)  # other values, the same shapes
+    first = hbp.check_backprop(net, params, x, y)
+    assert compiles, "the listener saw no compilation"
+    compiles.clear()
+    # An equal network (another object): no new program.
+    again = hbp.check_backprop(hbp.MLP((4, 7, 3), activation="elu", loss="binary_cross_entropy"),
+                               other, x, y)
+    assert compiles == [] and first.ok and again.ok and again.loss != first.loss
+
+
 def test_check_backprop_blames_a_wrong_derivative():
     bad_tanh = (jnp.tanh, lambda s: 1 - jnp.tanh(s))
     net = hbp.MLP((3, 4, 4, 2), activation=("elu", bad_tanh))
