@@ -48,7 +48,7 @@ GOALS = {"speedup_vs_sklearn": 10.0, "speedup_vs_torch": 5.0}
 
 def _handbackprop(ds, epochs, hidden):
     net = hbp.MLP((ds.num_features, *hidden, len(ds.classes)), loss="softmax_cross_entropy")
-    opt = hbp.sgd(LR)  # one object: its update is a static argument, compiled once
+    opt = hbp.sgd(LR)
 
     def train(seed):
         state, _ = hbp.fit(net, opt, (ds.x_train, ds.y_train), epochs=epochs, batch_size=BATCH,

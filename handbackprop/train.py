@@ -12,6 +12,7 @@
 Every gradient is :func:`handbackprop.value_and_backprop`'s, the hand-written delta recursion.
 """
 
+import dataclasses
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -61,6 +62,9 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimiz
 
     and ``w <- w - eta_t g`` without momentum, the note's update.
 
+    Two calls with equal settings (the same schedule object, if any) return equal
+    optimisers: as a static argument of a jitted epoch, the second reuses the first's program.
+
     Args:
       learning_rate: eta, a number > 0, or a schedule ``step -> eta`` (any callable of the
         int32 step count, e.g. an optax schedule).
@@ -79,36 +83,53 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False) -> Optimiz
       >>> updates, state = opt.update({"w": jnp.ones(2, jnp.float32)}, opt.init(params))
       >>> apply_updates(params, updates)["w"]
       Array([0.9, 0.9], dtype=float32)
+      >>> opt == sgd(0.1)
+      True
     """
-    if callable(learning_rate):
-        schedule = learning_rate
-    else:
+    if not callable(learning_rate):
         check_scalar("learning_rate", learning_rate)
-        schedule = lambda count: learning_rate  # noqa: E731
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
         0 <= momentum < 1
     ):
         raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
     if nesterov and not momentum:
         raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+    if not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer):
+        learning_rate = float(learning_rate)  # hashable, as a static argument needs
+    return Optimizer(_SGDInit(float(momentum)),
+                     _SGDUpdate(learning_rate, float(momentum), bool(nesterov)))
 
-    def init(params):
-        trace = jax.tree.map(jnp.zeros_like, params) if momentum else ()
+
+# Frozen dataclasses rather than closures: equal settings give equal (and equally hashed)
+# functions, so an optimiser rebuilt with the same settings is the same static argument.
+@dataclasses.dataclass(frozen=True)
+class _SGDInit:
+    momentum: float
+
+    def __call__(self, params):
+        trace = jax.tree.map(jnp.zeros_like, params) if self.momentum else ()
         return SGDState(jnp.zeros([], jnp.int32), trace)
 
-    def update(grads, state, params=None):
+
+@dataclasses.dataclass(frozen=True)
+class _SGDUpdate:
+    learning_rate: Any  # a float or a schedule
+    momentum: float
+    nesterov: bool
+
+    def __call__(self, grads, state, params=None):
         del params  # part of the optax signature; plain SGD does not need it
-        if momentum:
-            trace = jax.tree.map(lambda g, v: g + momentum * v, grads, state.trace)
-            step = jax.tree.map(lambda g, v: g + momentum * v, grads, trace) if nesterov else trace
+        mu = self.momentum
+        if mu:
+            trace = jax.tree.map(lambda g, v: g + mu * v, grads, state.trace)
+            step = jax.tree.map(lambda g, v: g + mu * v, grads, trace) if self.nesterov else trace
         else:
             trace, step = (), grads
-        eta = schedule(state.count)
+        lr = self.learning_rate
+        eta = lr(state.count) if callable(lr) else lr
         # Cast eta to each leaf's dtype, so a float64 schedule cannot promote float32 params.
         updates = jax.tree.map(lambda s: -jnp.asarray(eta, s.dtype) * s, step)
         return updates, SGDState(state.count + 1, trace)
-
-    return Optimizer(init, update)
 
 
 def apply_updates(params, updates):

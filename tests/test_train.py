@@ -67,6 +67,18 @@ def test_sgd_is_the_notes_update():
     np.testing.assert_array_equal(u[0], np.full(3, -1.0, np.float32))  # eta_1 = 0.5, g = 2
 
 
+def test_sgd_learning_rate_may_be_traced():
+    """A learning rate traced by jit or grad (meta-learning) works as in optax.sgd."""
+    def after_one_step(lr):
+        opt = train.sgd(lr, momentum=0.5)
+        params = {"w": jnp.ones(2)}
+        updates, _ = opt.update({"w": jnp.full(2, 3.0)}, opt.init(params))
+        return jnp.sum(train.apply_updates(params, updates)["w"])  # 2 (1 - 3 lr)
+
+    assert float(jax.jit(after_one_step)(0.1)) == pytest.approx(1.4, rel=1e-12)
+    assert float(jax.grad(after_one_step)(0.1)) == pytest.approx(-6.0, rel=1e-12)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"learning_rate": 0.0}, "learning_rate: expected a positive finite number, got 0.0"),
     ({"learning_rate": -0.1}, "learning_rate"),
@@ -147,8 +159,12 @@ def test_fit_does_not_retrace_between_epochs(small, xor, monkeypatch):
     monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
     kwargs = dict(epochs=3, batch_size=32, test_data=(xor.x_test, xor.y_test))
     state, _ = train.fit(net, opt, (xor.x_train, xor.y_train), key=jax.random.key(0), **kwargs)
-    # Continuing from a state (the resume path) must reuse the same trace too.
+    # Continuing from a state (the resume path) must reuse the same trace too, and so must an
+    # optimiser rebuilt with the same settings (small's is train.sgd(0.1)).
     train.fit(net, opt, (xor.x_train, xor.y_train), state=state, initial_epoch=1, **kwargs)
+    assert train.sgd(0.1) == opt and hash(train.sgd(0.1)) == hash(opt)
+    train.fit(net, train.sgd(0.1), (xor.x_train, xor.y_train), state=state, initial_epoch=1, **kwargs)
+    assert train.sgd(0.2) != opt and train.sgd(0.1, momentum=0.5) != train.sgd(0.1, momentum=0.6)
     with pytest.raises(AssertionError):  # the guard works: a new batch size is a new trace
         train.fit(net, opt, (xor.x_train, xor.y_train), key=jax.random.key(0), epochs=1,
                   batch_size=16)
