@@ -29,6 +29,7 @@ own count: ``jax.jit(f).lower(...).compile().memory_analysis()``.
 import dataclasses
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -178,7 +179,10 @@ def _huge_pages_rows(quick):
     code = ("import json, sys; from benchmarks import per_example as m; "
             f"json.dump(m.allocator_groups({quick}, 'huge pages'), sys.stdout, default=float)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **HUGE_PAGES},
-                          capture_output=True, text=True, check=True)
+                          cwd=pathlib.Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the huge-pages child process failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
 
 

@@ -1,4 +1,4 @@
-"""Checks of scalar arguments shared by the public functions.
+"""Checks of scalar arguments and PRNG keys shared by the public functions.
 
 Each raises before any computation, naming the argument, the expected and the received value
 (``clip_norm: expected a positive finite number, got -1.0``). The checks of networks, inputs
