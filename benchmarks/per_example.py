@@ -170,8 +170,11 @@ def allocator_groups(quick, allocator="default"):
 
 
 def _huge_pages_rows(quick):
-    """:func:`allocator_groups` in a child process with huge-page ``malloc``; ``[]`` where glibc
-    has no such tunable (not Linux, or glibc < 2.35)."""
+    """:func:`allocator_groups` in a child process with huge-page ``malloc``; ``[]`` off the
+    CPU (an accelerator's arrays do not come from ``malloc``) or where glibc has no such
+    tunable (not Linux, or glibc < 2.35)."""
+    if jax.default_backend() != "cpu":
+        return []
     libc, version = platform.libc_ver()
     if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
         print(f"huge pages: needs glibc >= 2.35, this is {libc or 'not glibc'} {version}; skipped")
