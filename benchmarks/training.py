@@ -20,12 +20,12 @@ writing this: scikit-learn 3x and PyTorch over 100x slower per epoch than on one
 handbackprop runs with XLA's defaults. Test accuracy is the mean over 3 seeds (1 with
 ``--quick``), from untimed runs.
 
-The FLOP rate puts the speed-ups in context: the FLOPs of one step (forward ``2BP``, weight gradients ``2BP``, deltas below
-  the top layer ``2B(P - (d0 + 1) d1)``, update ``2P``, for P parameters) over handbackprop's
-time per step, against what NumPy's BLAS reaches on one thread for a
-512 x 512 float32 matrix product on the same machine: how much faster any implementation of
-the same steps could go on one core of this CPU. (Accuracy over many splits and seeds is
-``benchmarks/accuracy.py``'s.)
+The FLOP rate puts the speed-ups in context: the FLOPs of one step (forward ``2BP``, weight
+gradients ``2BP``, deltas below the top layer ``2B(P - (d0 + 1) d1)``, update ``2P``, for P
+parameters, biases included) over handbackprop's time per step, against what NumPy's BLAS
+reaches on one thread for a 512 x 512 float32 matrix product on the same machine: how much
+faster any implementation of the same steps could go on one core of this CPU. (Accuracy over
+many splits and seeds is ``benchmarks/accuracy.py``'s.)
 
 ``--quick`` (the smoke test's mode: a few seconds, figures without meaning) keeps the three
 libraries and the result's fields but trains a 64-16-10 network for 1 epoch on the first 256
@@ -108,23 +108,6 @@ def _torch(ds, epochs, hidden):
     return train, accuracy
 
 
-def _dataset(n_train):
-    """Digits in float32, the training set cut to ``n_train`` examples."""
-    ds = hbp.data.load("digits")
-    return ds._replace(x_train=ds.x_train[:n_train].astype(np.float32), y_train=ds.y_train[:n_train],
-                       x_test=ds.x_test.astype(np.float32))
-
-
-def _variants(ds, epochs, hidden):
-    variants = {"handbackprop": _handbackprop(ds, epochs, hidden),
-                "scikit-learn": _sklearn(ds, epochs, hidden)}
-    try:
-        variants["pytorch"] = _torch(ds, epochs, hidden)
-    except ImportError:
-        pass
-    return variants
-
-
 def _step_flops(sizes, batch):
     """FLOPs of one SGD step (see the module's docstring); biases count as weights."""
     p = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
@@ -152,12 +135,17 @@ def run(quick: bool = False, results_dir=None) -> dict:
     """Measure, print and save (``<results>/training.json``) the comparison."""
     epochs, repeats, seeds = (1, 3, 1) if quick else (50, 20, 3)
     hidden, n_train = (QUICK_HIDDEN, QUICK_TRAIN) if quick else (HIDDEN, None)
-    ds = _dataset(n_train)
+    ds = hbp.data.load("digits")
+    ds = ds._replace(x_train=ds.x_train[:n_train].astype(np.float32), y_train=ds.y_train[:n_train],
+                     x_test=ds.x_test.astype(np.float32))
     n = len(ds.x_train)
     samples = {"handbackprop": epochs * (n // BATCH) * BATCH, "scikit-learn": epochs * n,
                "pytorch": epochs * n}
-    variants = _variants(ds, epochs, hidden)
-    if "pytorch" not in variants:
+    variants = {"handbackprop": _handbackprop(ds, epochs, hidden),
+                "scikit-learn": _sklearn(ds, epochs, hidden)}
+    try:
+        variants["pytorch"] = _torch(ds, epochs, hidden)
+    except ImportError:
         print("PyTorch not installed: pip install torch==2.13.0 (CPU); skipping it")
     timings = common.timeit_interleaved({k: (lambda t=t: t(0)) for k, (t, _) in variants.items()},
                                         repeats=repeats)
