@@ -149,7 +149,8 @@ def _privacy(dp, batch_size, n, epochs, delta, out):
         # fixed-size mini-batches.
         privacy["epsilon"] = dp_epsilon(dp.noise_multiplier, rate, steps, delta)
         print(f"DP-SGD: ({privacy['epsilon']:.3g}, {delta:g})-DP after {steps} steps of sampling "
-              f"rate {rate:.3g} (RDP accountant, Poisson sampling assumed)", file=out)
+              f"rate {rate:.3g} (RDP accountant, Poisson sampling assumed; batches are "
+              f"shuffled, so this is an approximation)", file=out)
     except ImportError as e:
         print(f"DP-SGD: no epsilon reported: {e}", file=out)
     return privacy
