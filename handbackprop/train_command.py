@@ -27,8 +27,10 @@ prints, saves and plots.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -181,18 +183,39 @@ def main(args) -> int:
     from handbackprop import checkpoint, parallel
 
     try:
-        # Devices and processes first: JAX fixes them when it starts, at its first computation.
-        parallel.initialize(args.devices, args.coordinator, args.num_processes, args.process_id)
-        header = checkpoint.read_metadata(args.resume) if args.resume else None
-        saved = header["metadata"].get("settings", {}) if header else {}
-        settings = _settings(args, saved)
-        return _run(args, settings, header)
+        with _native_stdout_to_stderr(args.json and args.coordinator is not None) as json_out:
+            # Devices and processes first: JAX fixes them when it starts, at its first computation.
+            parallel.initialize(args.devices, args.coordinator, args.num_processes, args.process_id)
+            header = checkpoint.read_metadata(args.resume) if args.resume else None
+            saved = header["metadata"].get("settings", {}) if header else {}
+            settings = _settings(args, saved)
+            return _run(args, settings, header, json_out)
     except (ValueError, FileNotFoundError) as e:
         print(f"handbackprop train: error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args, settings, header) -> int:
+@contextlib.contextmanager
+def _native_stdout_to_stderr(active: bool):
+    """While ``active``, whatever is written to file descriptor 1, by Python or by native code
+    (gloo prints its connections there in multi-process runs), goes to stderr; yields a stream
+    to the real stdout, which then carries the ``--json`` document alone."""
+    if not active:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(real), "w") as stream:
+            yield stream
+    finally:
+        sys.stdout.flush()
+        os.dup2(real, 1)
+        os.close(real)
+
+
+def _run(args, settings, header, json_out) -> int:
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -296,5 +319,5 @@ def _run(args, settings, header) -> int:
         trained_on = jax.tree.leaves(state.params)[0].sharding.device_set  # the mesh's, or one
         devices = {"devices": len(trained_on), "processes": jax.process_count()}
         print(json.dumps({"settings": s, "epochs": args.epochs, "gradient_check": check, **devices,
-                          "train_seconds": seconds, **results, "history": history}))
+                          "train_seconds": seconds, **results, "history": history}), file=json_out)
     return 0
