@@ -11,7 +11,9 @@ backward pass, with no per-example gradients in memory. The L2 gradient ``l2 W``
 depend on the data, so it is added after clipping and noise and costs no privacy.
 
 Accounting (:func:`dp_epsilon`) needs the optional ``dp-accounting`` package:
-``pip install 'handbackprop[dp]'``.
+``pip install 'handbackprop[dp]'``. It assumes Poisson sampling, which :func:`poisson_batch`
+draws (every example independently with probability B / n, padded to a static size, the sum
+then divided by the expected B); shuffled fixed-size batches are its usual approximation.
 """
 
 import math
@@ -37,16 +39,64 @@ class DPSGD(NamedTuple):
     Attributes:
       clip_norm: C > 0, the per-example clipping bound.
       noise_multiplier: sigma >= 0; the noise on the clipped sum has standard deviation sigma C.
+      poisson: draw each step's batch by Poisson sampling (:func:`poisson_batch`: every
+        example independently with probability q = B / n), the sampling that
+        :func:`dp_epsilon` accounts for. ``False``: shuffled fixed-size batches, for which
+        that accounting is only the customary approximation.
     """
 
     clip_norm: float
     noise_multiplier: float
+    poisson: bool = False
 
     def check(self):
         """Raise a clear error for an out-of-range setting; return ``self``."""
         check_scalar("clip_norm", self.clip_norm)
         check_scalar("noise_multiplier", self.noise_multiplier, strict=False)
+        if not isinstance(self.poisson, bool):
+            raise TypeError(f"poisson: expected a bool, got {self.poisson!r}")
         return self
+
+
+def poisson_capacity(n: int, batch_size: int) -> int:
+    """The static size of a padded Poisson batch of expected size B from n examples.
+
+    ``min(n, ceil(B + 6 sqrt(B (1 - B/n))) + 1)``: a binomial count exceeds it with
+    probability below about 1e-9, and only then does :func:`poisson_batch` drop examples.
+    """
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1, n)
+    sd = math.sqrt(batch_size * (1 - batch_size / n))
+    return min(n, math.ceil(batch_size + 6 * sd) + 1)
+
+
+def poisson_batch(key, n: int, batch_size: int):
+    """A Poisson-sampled batch: each of n examples independently with probability B / n.
+
+    The sampling that DP-SGD's accounting (:func:`dp_epsilon`) assumes. The count is random
+    (binomial, mean B); the result is padded to the static :func:`poisson_capacity`.
+
+    Args:
+      key: a ``jax.random`` key.
+      n: the data set's size.
+      batch_size: B, the expected batch size, in [1, n].
+
+    Returns:
+      ``(indices, mask)``, each of shape ``(poisson_capacity(n, B),)``: the chosen examples'
+      indices in increasing order, then zeros; ``mask`` is 1 for a chosen example, 0 for
+      padding (a float in the default float dtype).
+
+    Example:
+      >>> idx, mask = poisson_batch(jax.random.key(0), 1000, 32)
+      >>> idx.shape, bool(jnp.all(idx[mask == 0] == 0))
+      ((67,), True)
+    """
+    check_key(key)
+    size = poisson_capacity(n, batch_size)
+    chosen = jax.random.bernoulli(key, batch_size / n, (n,))
+    (indices,) = jnp.nonzero(chosen, size=size, fill_value=0)
+    mask = (jnp.arange(size) < jnp.sum(chosen)).astype(jnp.result_type(float))
+    return indices, mask
 
 
 def dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier):

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from handbackprop.backprop import backprop, delta_recursion
 from handbackprop.checks import check_scalar
@@ -149,7 +150,7 @@ class ClippedGrad(NamedTuple):
     norms: Any
 
 
-def clipped_grad(net: MLP, params, x, y, clip_norm) -> ClippedGrad:
+def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad:
     """The sum and mean of per-example gradients, each first scaled to norm <= ``clip_norm``.
 
     Each example's gradient is scaled by ``c_b = clip_norm / max(||g_b||, clip_norm)``
@@ -167,6 +168,9 @@ def clipped_grad(net: MLP, params, x, y, clip_norm) -> ClippedGrad:
       clip_norm: the bound C > 0, a scalar. Checked at trace time when concrete; when traced
         (a non-static argument of a jitted caller) only its shape and dtype are checked: pass
         it as static to have its value checked.
+      weights: optional, shape (B,): example b's clipped gradient counts ``weights[b]`` times
+        in the sum, e.g. a 0/1 mask of the real examples in a padded batch. The mean still
+        divides by B.
 
     Returns:
       A :class:`ClippedGrad` ``(sum, mean, norms)``, in the parameters' dtype.
@@ -187,10 +191,16 @@ def clipped_grad(net: MLP, params, x, y, clip_norm) -> ClippedGrad:
       True
     """
     check_scalar("clip_norm", clip_norm)
+    batch = np.shape(x)[:1]
+    if weights is not None and np.shape(weights) != batch:
+        raise ValueError(f"weights: expected shape {batch}, one per example of x, "
+                         f"got shape {np.shape(weights)}")
     xs, ds = _inputs_and_deltas(net, params, x, y)
     norms = _norms(net, xs, ds)
     clip = jnp.asarray(clip_norm, norms.dtype)
     c = clip / jnp.maximum(norms, clip)  # min(1, C / ||g_b||), safe where ||g_b|| = 0
+    if weights is not None:
+        c = c * jnp.asarray(weights, c.dtype)
     total = _batch_sums(net, xs, tuple(c[:, None] * d for d in ds))  # X^T (c * D)
     mean = jax.tree.map(lambda g: g / xs[0].shape[0], total)
     return ClippedGrad(total, mean, norms)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from handbackprop import parallel
-from handbackprop.backprop import loss, value_and_backprop
+from handbackprop.backprop import l2_penalty, loss, value_and_backprop
 from handbackprop.checks import check_int, check_scalar
-from handbackprop.dp import DPSGD, dp_grad
-from handbackprop.mlp import MLP, forward, init_params
+from handbackprop.dp import DPSGD, dp_grad, noisy_mean, poisson_batch
+from handbackprop.mlp import MLP, check_y, forward, forward_cache, init_params
+from handbackprop.per_example import clipped_grad
 
 
 class Optimizer(NamedTuple):
@@ -171,7 +172,8 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
 
     The last ``n mod batch_size`` examples of each shuffled order sit the epoch out, so that
     every step has the same static shape; the order is new each epoch, so none is left out
-    for good. Jit with ``static_argnums=(0, 1, 2, 6, 7)``.
+    for good (Poisson-sampled DP-SGD draws every step's batch afresh instead, see ``dp``).
+    Jit with ``static_argnums=(0, 1, 2, 6, 7)``.
 
     Args:
       net: the network (static).
@@ -185,7 +187,10 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
         ``state``, ``x`` and ``y`` replicated on it (:func:`handbackprop.parallel.replicate`).
       dp: ``None``, or :class:`handbackprop.dp.DPSGD` settings (static): every step's gradient
         is then :func:`handbackprop.dp_grad` (clipped per example, noised, averaged), with a
-        noise key drawn from ``state.key``.
+        noise key drawn from ``state.key``. With ``dp.poisson``, each of the n // B steps
+        draws its batch by :func:`handbackprop.dp.poisson_batch` instead of taking the next B
+        of a shuffle, and divides the noisy clipped sum by the expected size B (not by the
+        count drawn, which would leak it); not with a ``mesh``.
 
     Returns:
       ``(state, losses)``: the state after the epoch, and each step's mini-batch loss
@@ -197,6 +202,10 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
                          f"got {batch_size}")
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
+    poisson = dp is not None and dp.poisson
+    if poisson and mesh is not None:
+        raise ValueError("dp: Poisson sampling (poisson=True) is not implemented with a mesh; "
+                         "use shuffled batches (poisson=False) or one device")
     steps = n // batch_size
     if dp is None:
         key, shuffle_key = jax.random.split(state.key)
@@ -204,16 +213,29 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
     else:  # a third key only here, so that plain SGD's shuffles are unchanged by DP's existence
         key, shuffle_key, noise_key = jax.random.split(state.key, 3)
         noise_keys = jax.random.split(noise_key, steps)
-    order = jax.random.permutation(shuffle_key, n)[: steps * batch_size]
+    if poisson:  # each step draws its own batch: one sampling key per step
+        batches = jax.random.split(shuffle_key, steps)
+    else:
+        batches = jax.random.permutation(shuffle_key, n)[: steps * batch_size].reshape(steps, -1)
 
     def step(carry, inputs):
-        (params, opt_state), (idx, noise_key) = carry, inputs
+        (params, opt_state), (batch, noise_key) = carry, inputs
+        if poisson:
+            idx, mask = poisson_batch(batch, n, batch_size)
+        else:
+            idx, mask = batch, None
         xb, yb = x[idx], y[idx]
         # The three-step loop: loss and gradient by the delta recursion, then the update.
-        if dp is not None:
+        if poisson:  # padded: only the chosen examples count; the mean divides by B, as q n
+            value = _masked_loss(net, params, xb, yb, mask)
+            clipped = clipped_grad(net, params, xb, yb, dp.clip_norm, weights=mask)
+            grads = noisy_mean(net, params, clipped.sum, batch_size, noise_key, dp.clip_norm,
+                               dp.noise_multiplier)
+        elif dp is not None:
             value = loss(net, params, xb, yb)  # reported only; XLA shares its forward pass
-            grads = (dp_grad(net, params, xb, yb, noise_key, *dp) if mesh is None else
-                     parallel.sharded_dp_grad(net, params, xb, yb, noise_key, *dp, mesh))
+            grads = (dp_grad(net, params, xb, yb, noise_key, dp.clip_norm, dp.noise_multiplier)
+                     if mesh is None else parallel.sharded_dp_grad(
+                         net, params, xb, yb, noise_key, dp.clip_norm, dp.noise_multiplier, mesh))
         elif mesh is None:
             value, grads = value_and_backprop(net, params, xb, yb)
         else:
@@ -222,9 +244,17 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
         return (apply_updates(params, updates), opt_state), value
 
     (params, opt_state), losses = jax.lax.scan(
-        step, (state.params, state.opt_state), (order.reshape(steps, batch_size), noise_keys)
-    )
+        step, (state.params, state.opt_state), (batches, noise_keys))
     return TrainState(params, opt_state, key), losses
+
+
+def _masked_loss(net: MLP, params, x, y, mask):
+    """The loss of the examples with ``mask`` 1 in a padded batch: their mean (or sum, as
+    ``net.reduction``) plus the L2 term."""
+    cache = forward_cache(net, params, x)
+    e = mask * net.loss_fn.value(cache.ss[-1], cache.xs[-1], check_y(net, cache.xs[0], y))
+    total = jnp.sum(e) / jnp.maximum(jnp.sum(mask), 1) if net.reduction == "mean" else jnp.sum(e)
+    return total + l2_penalty(net, params)
 
 
 def metric_name(net: MLP) -> str:
@@ -352,9 +382,11 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
         to train data-parallel: every mini-batch split over its devices, parameters, state and
         data replicated. ``batch_size`` must be divisible by its device count. With several
         processes (``jax.distributed``), every process calls ``fit`` with the same arguments.
-      dp: ``None``, or :class:`handbackprop.dp.DPSGD` ``(clip_norm, noise_multiplier)`` to
-        train with DP-SGD: every step's gradient is :func:`handbackprop.dp_grad`, the
-        optimiser applies it as any other (``net.reduction`` does not apply: DP-SGD averages).
+      dp: ``None``, or :class:`handbackprop.dp.DPSGD` ``(clip_norm, noise_multiplier,
+        poisson=False)`` to train with DP-SGD: every step's gradient is
+        :func:`handbackprop.dp_grad`, the optimiser applies it as any other
+        (``net.reduction`` does not apply: DP-SGD averages); ``poisson=True`` draws each
+        step's batch by Poisson sampling (see :func:`train_epoch`), not with ``mesh``.
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` (``state.params`` are the trained
@@ -375,6 +407,9 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
         parallel.check_batch("batch_size", batch_size, mesh)
     if dp is not None:
         dp = DPSGD(*dp).check()
+        if dp.poisson and mesh is not None:
+            raise ValueError("dp: Poisson sampling (poisson=True) is not implemented with a "
+                             "mesh; use shuffled batches (poisson=False) or one device")
     if test_data is not None:
         test_data = check_data(net, *test_data, where="test_data")
     if (key is None) == (state is None):

@@ -14,6 +14,7 @@ DP-SGD (each example's gradient clipped to norm C, Gaussian noise of standard de
 SIGMA * C added to each mini-batch's clipped sum, then divided by the batch size):
 
     python -m handbackprop train --dp-clip 1.0 --dp-noise 1.1    # epsilon with .[dp] installed
+    python -m handbackprop train --dp-clip 1.0 --dp-noise 1.1 --dp-sampling poisson
 
 Data parallelism (each mini-batch split over the devices, parameters replicated):
 
@@ -38,7 +39,8 @@ import time
 # Settings a checkpoint fixes (a resumed run takes them from it), and their defaults.
 DEFAULTS = {"dataset": "digits", "task": None, "sizes": None, "activation": "relu", "loss": None,
             "batch_size": 32, "lr": 0.1, "momentum": 0.0, "nesterov": False, "l2": 0.0,
-            "seed": 0, "dtype": "float32", "dp_clip": None, "dp_noise": None}
+            "seed": 0, "dtype": "float32", "dp_clip": None, "dp_noise": None,
+            "dp_sampling": "shuffle"}
 HIDDEN = (128, 128)  # the default hidden layers between the data's inputs and outputs
 
 
@@ -95,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-noise", type=float, metavar="SIGMA",
                    help="DP-SGD: add Gaussian noise of standard deviation SIGMA * C to the clipped "
                    "sum of each mini-batch, then divide by the batch size (needs --dp-clip)")
+    p.add_argument("--dp-sampling", choices=["shuffle", "poisson"],
+                   help="DP-SGD: how each step's batch is drawn: the next B examples of a shuffle, "
+                   "or Poisson sampling (each example with probability B / n), the sampling the "
+                   "reported epsilon accounts for; one device only (default shuffle)")
     p.add_argument("--dp-delta", type=_positive(float), default=1e-5,
                    help="DP-SGD: report the epsilon spent for this delta, with the optional "
                    "dp-accounting package (default 1e-5)")
@@ -145,14 +151,13 @@ def _privacy(dp, batch_size, n, epochs, delta, out):
 
     steps, rate = epochs * (n // batch_size), batch_size / n
     privacy = {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
-               "sampling_rate": rate, "steps": steps, "delta": delta, "epsilon": None}
+               "poisson": dp.poisson, "sampling_rate": rate, "steps": steps, "delta": delta, "epsilon": None}
+    sampling = ("Poisson sampling" if dp.poisson else
+                "Poisson sampling assumed; batches are shuffled, so this is an approximation")
     try:
-        # Accounted as Poisson sampling at rate B / n: the usual approximation for shuffled,
-        # fixed-size mini-batches.
         privacy["epsilon"] = dp_epsilon(dp.noise_multiplier, rate, steps, delta)
         print(f"DP-SGD: ({privacy['epsilon']:.3g}, {delta:g})-DP after {steps} steps of sampling "
-              f"rate {rate:.3g} (RDP accountant, Poisson sampling assumed; batches are "
-              f"shuffled, so this is an approximation)", file=out)
+              f"rate {rate:.3g} (RDP accountant, {sampling})", file=out)
     except ImportError as e:
         print(f"DP-SGD: no epsilon reported: {e}", file=out)
     return privacy
@@ -244,7 +249,13 @@ def _run(args, settings, header, json_out) -> int:
     if (s["dp_clip"] is None) != (s["dp_noise"] is None):
         raise ValueError("--dp-clip, --dp-noise: DP-SGD needs both, got "
                          f"--dp-clip {s['dp_clip']} and --dp-noise {s['dp_noise']}")
-    dp = None if s["dp_clip"] is None else DPSGD(s["dp_clip"], s["dp_noise"]).check()
+    if s["dp_clip"] is None and args.dp_sampling is not None:
+        raise ValueError("--dp-sampling: DP-SGD needs --dp-clip and --dp-noise too")
+    dp = None if s["dp_clip"] is None else DPSGD(
+        s["dp_clip"], s["dp_noise"], s["dp_sampling"] == "poisson").check()
+    if dp is not None and dp.poisson and mesh is not None:
+        raise ValueError("--dp-sampling: poisson is not implemented across several devices or "
+                         "processes; use --dp-sampling shuffle")
     ds = data.load(s["dataset"], task=s["task"])
     loss = s["loss"] or ds.default_loss
     sizes = s["sizes"] or [ds.num_features, *HIDDEN, ds.num_outputs(loss)]

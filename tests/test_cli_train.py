@@ -45,6 +45,17 @@ def test_dp_sgd_training_reports_its_privacy(capsys):
         assert 0 < privacy["epsilon"] < 100 and "-DP after 16 steps" in err
 
 
+def test_dp_sgd_with_poisson_sampling(capsys):
+    argv = (*XOR, "--epochs", "2", "--dp-clip", "1", "--dp-noise", "1.1", "--json")
+    rc, out, err = _run(capsys, *argv, "--dp-sampling", "poisson")
+    assert rc == 0
+    result = json.loads(out)
+    assert result["privacy"]["poisson"] is True and result["settings"]["dp_sampling"] == "poisson"
+    assert result["privacy"]["steps"] == 16 and "approximation" not in err
+    rc, _, err = _run(capsys, *XOR, "--epochs", "1", "--dp-sampling", "poisson")
+    assert rc == 2 and "--dp-sampling: DP-SGD needs --dp-clip and --dp-noise too" in err
+
+
 def test_resume_is_bit_identical_and_plot(capsys, tmp_path):
     full, part, png = tmp_path / "full.npz", tmp_path / "part.npz", tmp_path / "curves.png"
     assert _run(capsys, *XOR, "--momentum", "0.5", "--epochs", "4", "--save", str(full))[0] == 0

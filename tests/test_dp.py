@@ -77,6 +77,31 @@ def test_tree_normal_is_one_draw_cut_into_leaves():
         hbp.tree_normal(jnp.zeros(3), tree)
 
 
+def test_poisson_batches_include_each_example_with_probability_b_over_n():
+    n, b, draws = 200, 20, 2000
+    size = hbp.dp.poisson_capacity(n, b)
+    assert size == int(np.ceil(b + 6 * np.sqrt(b * (1 - b / n)))) + 1 == 47
+    assert hbp.dp.poisson_capacity(10, 10) == 10  # q = 1: everything, no padding
+    idx, mask = jax.jit(jax.vmap(lambda k: hbp.dp.poisson_batch(k, n, b)))(
+        jax.random.split(jax.random.key(9), draws))
+    idx, mask = np.asarray(idx), np.asarray(mask)
+    counts = mask.sum(1)
+    for i, m, c in zip(idx[:50], mask[:50], counts[:50]):  # chosen first, increasing; then padding
+        assert np.all(m[:int(c)] == 1) and np.all(m[int(c):] == 0) and np.all(i[int(c):] == 0)
+        assert np.all(np.diff(i[:int(c)]) > 0) and 0 <= i.min() and i.max() < n
+    # The count is Binomial(n, q), q = b / n: mean 20, variance 18 (a shuffle's is 0). Standard
+    # errors over 2000 draws: 0.095 for the mean, about 0.57 for the variance; five of each.
+    assert abs(counts.mean() - 20) < 5 * 0.095 and abs(counts.var() - 18) < 5 * 0.57
+    # Each example's inclusion frequency: 0.1 with standard error 0.0067; five of them for the
+    # largest of 200 deviations (a false failure ~ 1e-4).
+    freq = np.bincount(idx[mask == 1], minlength=n) / draws
+    assert np.max(np.abs(freq - 0.1)) < 5 * 0.0067
+    with pytest.raises(ValueError, match=r"batch_size: expected an int in \[1, 10\], got 11"):
+        hbp.dp.poisson_capacity(10, 11)
+    with pytest.raises(TypeError, match="poisson: expected a bool, got 1"):
+        hbp.DPSGD(1.0, 1.0, 1).check()
+
+
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 def test_noiseless_step_is_clipped_sgd(reduction):
     net = hbp.MLP((4, 6, 3), activation="relu", loss="squared_error", l2=0.05,

@@ -305,9 +305,11 @@ def _assert_same_run(result, reference):
 
 
 def test_cli_devices_splits_batches_and_checks_divisibility(one_device_run):
-    (rc, out, err), (bad_rc, _, bad_err) = _cli_results([_cli(*XOR, "--devices", "2"),
-                                                         _cli(*XOR, "--devices", "3")])
+    (rc, out, err), (bad_rc, _, bad_err), (poisson_rc, _, poisson_err) = _cli_results([
+        _cli(*XOR, "--devices", "2"), _cli(*XOR, "--devices", "3"),
+        _cli(*XOR, "--devices", "2", "--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "poisson")])
     assert rc == 0, err[-3000:]
+    assert poisson_rc == 2 and "--dp-sampling: poisson is not implemented across several" in poisson_err
     result = json.loads(out)
     assert result["devices"] == 2 and result["processes"] == 1 and one_device_run["devices"] == 1
     _assert_same_run(result, one_device_run)

@@ -96,6 +96,18 @@ def test_norms_clipping_and_stats_equal_materialised(loss, bias):
     assert_trees_close(out.mean, jax.tree.map(lambda a: jnp.mean(a, 0), clipped), **EXACT64)
     np.testing.assert_allclose(out.norms, norms, **EXACT64)
 
+    # Weights count each clipped gradient that many times: 0/1 keeps a subset (a padded batch).
+    w = jnp.asarray([1, 0, 2.5, 1, 0, 1, 1, 0.5, 0])
+    weighted = hbp.clipped_grad(net, params, x, y, clip, weights=w)
+    assert_trees_close(weighted.sum, jax.tree.map(lambda a: jnp.einsum("b,b...->...", w, a), clipped),
+                       **EXACT64)
+    keep = np.flatnonzero(np.asarray(w) == 1)
+    subset = hbp.clipped_grad(net, params, x[keep], y[keep], clip,
+                              weights=(w[keep]))  # the same examples alone, weight 1
+    mask = (w == 1).astype(w.dtype)
+    assert_trees_close(hbp.clipped_grad(net, params, x, y, clip, weights=mask).sum, subset.sum,
+                       **EXACT64)
+
     # A bound above every norm clips nothing: the plain sum.
     unclipped = hbp.clipped_grad(net, params, x, y, 2 * float(jnp.max(norms)))
     assert_trees_close(unclipped.sum, jax.tree.map(lambda a: jnp.sum(a, 0), g), **EXACT64)
@@ -176,6 +188,9 @@ def test_errors_name_the_argument():
     for bad in ("1", True, jnp.ones(2), None, 1j):
         with pytest.raises(TypeError, match="clip_norm: expected a positive finite number"):
             hbp.clipped_grad(net, params, x, y, bad)
+    with pytest.raises(ValueError, match=r"weights: expected shape \(3,\), one per example of x, "
+                                         r"got shape \(2,\)"):
+        hbp.clipped_grad(net, params, x, y, 1.0, weights=jnp.ones(2))
     # Traced: the value is unknown at trace time, the shape is checked.
     traced = jax.jit(hbp.clipped_grad, static_argnums=0)
     with pytest.raises(TypeError, match="clip_norm: expected a positive finite number"):

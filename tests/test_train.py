@@ -138,7 +138,8 @@ def test_dp_epoch_steps_are_dp_grad_with_fresh_keys(small, xor):
     order = np.asarray(jax.random.permutation(shuffle_key, 128)).reshape(2, 64)
     params = state.params
     for idx, k in zip(order, jax.random.split(noise_key, 2)):
-        params = hbp.dp_sgd_step(net, params, x[idx], y[idx], k, 0.1, *settings)
+        params = hbp.dp_sgd_step(net, params, x[idx], y[idx], k, 0.1, settings.clip_norm,
+                                 settings.noise_multiplier)
     chex.assert_trees_all_close(new.params, params, **F64)
     np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(key))
     np.testing.assert_allclose(losses[0], hbp.loss(net, state.params, x[order[0]], y[order[0]]), **F64)
@@ -147,11 +148,50 @@ def test_dp_epoch_steps_are_dp_grad_with_fresh_keys(small, xor):
     assert not _tree_equal(other.params, new.params)
 
 
+def test_poisson_dp_epoch_steps(small, xor):
+    """With ``dp.poisson``, step t draws poisson_batch(key_t) and takes the noisy clipped sum of
+    the chosen examples over B; replayed here from the same keys (float64, a few ulps)."""
+    net, opt = small
+    x, y = train.check_data(net, xor.x_train, xor.y_train)
+    x, y = x[:128], y[:128]
+    state = train.init_state(jax.random.key(1), net, opt, jnp.float64)
+    settings = hbp.dp.DPSGD(clip_norm=0.5, noise_multiplier=1.3, poisson=True)
+    epoch = jax.jit(train.train_epoch, static_argnums=(0, 1, 2, 6, 7))
+    new, losses = epoch(net, opt, 32, state, x, y, None, settings)
+    key, shuffle_key, noise_key = jax.random.split(state.key, 3)
+    params, counts = state.params, []
+    for t, (sk, nk) in enumerate(zip(jax.random.split(shuffle_key, 4), jax.random.split(noise_key, 4))):
+        idx, mask = hbp.dp.poisson_batch(sk, 128, 32)
+        chosen = np.asarray(idx)[np.asarray(mask) == 1]
+        counts.append(len(chosen))
+        if t == 0:  # the reported loss: the chosen examples' mean
+            np.testing.assert_allclose(losses[0], hbp.loss(net, params, x[chosen], y[chosen]), **F64)
+        clipped = hbp.clipped_grad(net, params, x[chosen], y[chosen], 0.5).sum
+        g = hbp.noisy_mean(net, params, clipped, 32, nk, 0.5, 1.3)  # over B, not the count
+        params = jax.tree.map(lambda p, d: p - 0.1 * d, params, g)
+    assert len(set(counts)) > 1  # the batch size varies
+    chex.assert_trees_all_close(new.params, params, **F64)
+    np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(key))
+
+
+def test_poisson_with_the_whole_set_is_gradient_descent(small, xor):
+    """B = n samples every example: no noise and no clipping give full-batch gradient descent."""
+    net, opt = small
+    n = len(xor.x_train)
+    kwargs = dict(epochs=3, batch_size=n, key=jax.random.key(0), dtype=jnp.float64)
+    dp, _ = train.fit(net, opt, (xor.x_train, xor.y_train), dp=(1e6, 0.0, True), **kwargs)
+    gd, _ = train.fit(net, opt, (xor.x_train, xor.y_train), **kwargs)
+    chex.assert_trees_all_close(dp.params, gd.params, rtol=1e-12, atol=1e-14)
+
+
 def test_fit_checks_dp_settings(small, xor):
     net, opt = small
     with pytest.raises(ValueError, match=r"clip_norm: expected a positive finite number, got -1.0"):
         train.fit(net, opt, (xor.x_train, xor.y_train), epochs=1, batch_size=8,
                   key=jax.random.key(0), dp=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="dp: Poisson sampling .* is not implemented with a mesh"):
+        train.fit(net, opt, (xor.x_train, xor.y_train), epochs=1, batch_size=8,
+                  key=jax.random.key(0), dp=(1.0, 1.0, True), mesh=hbp.data_parallel_mesh(1))
 
 
 def test_fit_does_not_retrace_between_epochs(small, xor, monkeypatch):
