@@ -83,20 +83,19 @@ def poisson_batch(key, n: int, batch_size: int):
 
     Returns:
       ``(indices, mask)``, each of shape ``(poisson_capacity(n, B),)``: the chosen examples'
-      indices in increasing order, then zeros; ``mask`` is 1 for a chosen example, 0 for
-      padding (a float in the default float dtype).
+      indices in increasing order, then zeros; ``mask`` (bool) is True for a chosen example,
+      False for padding.
 
     Example:
       >>> idx, mask = poisson_batch(jax.random.key(0), 1000, 32)
-      >>> idx.shape, bool(jnp.all(idx[mask == 0] == 0))
+      >>> idx.shape, bool(jnp.all(idx[~mask] == 0))
       ((67,), True)
     """
     check_key(key)
     size = poisson_capacity(n, batch_size)
     chosen = jax.random.bernoulli(key, batch_size / n, (n,))
     (indices,) = jnp.nonzero(chosen, size=size, fill_value=0)
-    mask = (jnp.arange(size) < jnp.sum(chosen)).astype(jnp.result_type(float))
-    return indices, mask
+    return indices, jnp.arange(size) < jnp.sum(chosen)
 
 
 def dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier):

@@ -169,7 +169,7 @@ def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad
         (a non-static argument of a jitted caller) only its shape and dtype are checked: pass
         it as static to have its value checked.
       weights: optional, shape (B,): example b's clipped gradient counts ``weights[b]`` times
-        in the sum, e.g. a 0/1 mask of the real examples in a padded batch. The mean still
+        in the sum, e.g. a boolean mask of the real examples in a padded batch. The mean still
         divides by B.
 
     Returns:

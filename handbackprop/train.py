@@ -249,11 +249,13 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
 
 
 def _masked_loss(net: MLP, params, x, y, mask):
-    """The loss of the examples with ``mask`` 1 in a padded batch: their mean (or sum, as
-    ``net.reduction``) plus the L2 term."""
+    """The loss of the examples where ``mask`` (bool) is True in a padded batch: their mean
+    (or sum, as ``net.reduction``) plus the L2 term."""
     cache = forward_cache(net, params, x)
-    e = mask * net.loss_fn.value(cache.ss[-1], cache.xs[-1], check_y(net, cache.xs[0], y))
-    total = jnp.sum(e) / jnp.maximum(jnp.sum(mask), 1) if net.reduction == "mean" else jnp.sum(e)
+    e = net.loss_fn.value(cache.ss[-1], cache.xs[-1], check_y(net, cache.xs[0], y))
+    total = jnp.sum(jnp.where(mask, e, 0))
+    if net.reduction == "mean":
+        total = total / jnp.maximum(jnp.sum(mask), 1)
     return total + l2_penalty(net, params)
 
 

@@ -87,14 +87,14 @@ def test_poisson_batches_include_each_example_with_probability_b_over_n():
     idx, mask = np.asarray(idx), np.asarray(mask)
     counts = mask.sum(1)
     for i, m, c in zip(idx[:50], mask[:50], counts[:50]):  # chosen first, increasing; then padding
-        assert np.all(m[:int(c)] == 1) and np.all(m[int(c):] == 0) and np.all(i[int(c):] == 0)
-        assert np.all(np.diff(i[:int(c)]) > 0) and 0 <= i.min() and i.max() < n
+        assert np.all(m[:c]) and not np.any(m[c:]) and np.all(i[c:] == 0)
+        assert np.all(np.diff(i[:c]) > 0) and 0 <= i.min() and i.max() < n
     # The count is Binomial(n, q), q = b / n: mean 20, variance 18 (a shuffle's is 0). Standard
     # errors over 2000 draws: 0.095 for the mean, about 0.57 for the variance; five of each.
     assert abs(counts.mean() - 20) < 5 * 0.095 and abs(counts.var() - 18) < 5 * 0.57
     # Each example's inclusion frequency: 0.1 with standard error 0.0067; five of them for the
     # largest of 200 deviations (a false failure ~ 1e-4).
-    freq = np.bincount(idx[mask == 1], minlength=n) / draws
+    freq = np.bincount(idx[mask], minlength=n) / draws
     assert np.max(np.abs(freq - 0.1)) < 5 * 0.0067
     with pytest.raises(ValueError, match=r"batch_size: expected an int in \[1, 10\], got 11"):
         hbp.dp.poisson_capacity(10, 11)

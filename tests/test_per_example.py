@@ -104,8 +104,7 @@ def test_norms_clipping_and_stats_equal_materialised(loss, bias):
     keep = np.flatnonzero(np.asarray(w) == 1)
     subset = hbp.clipped_grad(net, params, x[keep], y[keep], clip,
                               weights=(w[keep]))  # the same examples alone, weight 1
-    mask = (w == 1).astype(w.dtype)
-    assert_trees_close(hbp.clipped_grad(net, params, x, y, clip, weights=mask).sum, subset.sum,
+    assert_trees_close(hbp.clipped_grad(net, params, x, y, clip, weights=w == 1).sum, subset.sum,
                        **EXACT64)
 
     # A bound above every norm clips nothing: the plain sum.
