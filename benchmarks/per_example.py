@@ -66,7 +66,7 @@ def _jax_way(net):
 
 
 def _noise(tree, key):
-    """N(0, I) for every leaf, one split of ``key`` each."""
+    """N(0, I) for every leaf, one split of ``key`` each: the canonical DP step's noise."""
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
@@ -144,7 +144,7 @@ def dp_steps(sizes, batch, timing, allocator="default"):
         "dp_sgd_step": lambda p, x, y, key: hbp.dp_sgd_step(net, p, x, y, key, LR, CLIP, SIGMA),
         "dp_sgd_step, sigma = 0": lambda p, x, y, key: hbp.dp_sgd_step(
             net, p, x, y, key, LR, CLIP, 0.0),
-        "the noise alone": lambda p, x, y, key: _noise(p, key),
+        "the noise alone": lambda p, x, y, key: hbp.tree_normal(key, p),  # what dp_sgd_step draws
         "DP step from jax.vmap(jax.grad)": vmap_grad_dp,
     }, "SGD step", (params, x, y, jax.random.key(1)), timing, _extra(net, batch, allocator))
 

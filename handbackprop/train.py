@@ -202,10 +202,7 @@ def train_epoch(net: MLP, optimizer, batch_size: int, state: TrainState, x, y, m
                          f"got {batch_size}")
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
-    poisson = dp is not None and dp.poisson
-    if poisson and mesh is not None:
-        raise ValueError("dp: Poisson sampling (poisson=True) is not implemented with a mesh; "
-                         "use shuffled batches (poisson=False) or one device")
+    poisson = dp is not None and dp.check(mesh).poisson
     steps = n // batch_size
     if dp is None:
         key, shuffle_key = jax.random.split(state.key)
@@ -408,10 +405,7 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
     if mesh is not None:
         parallel.check_batch("batch_size", batch_size, mesh)
     if dp is not None:
-        dp = DPSGD(*dp).check()
-        if dp.poisson and mesh is not None:
-            raise ValueError("dp: Poisson sampling (poisson=True) is not implemented with a "
-                             "mesh; use shuffled batches (poisson=False) or one device")
+        dp = DPSGD(*dp).check(mesh)
     if test_data is not None:
         test_data = check_data(net, *test_data, where="test_data")
     if (key is None) == (state is None):
