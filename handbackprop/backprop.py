@@ -31,10 +31,27 @@ def delta_recursion(net: MLP, params, cache, y, scale=1.0):
     Returns:
       A tuple of L arrays, ``delta^(l)`` of shape (B, d_l).
     """
-    gs = net.activations
     xs, ss = cache
     # Base case (3.4): delta^(L) = de/dS^(L).
-    delta = scale * output_delta(net.loss_fn, gs[-1], ss[-1], xs[-1], y)
+    return backward(net, params, cache, scale * output_delta(net.loss_fn, net.activations[-1],
+                                                             ss[-1], xs[-1], y))
+
+
+def backward(net: MLP, params, cache, delta):
+    """The inductive step (3.5) from a given top delta: ``(delta^(1), ..., delta^(L))``.
+
+    Args:
+      net: the network.
+      params: its parameters.
+      cache: ``forward_cache(net, params, x)`` for a batch of B.
+      delta: ``delta^(L)``, (..., B, d_L); leading axes (say K columns of a factor of the
+        loss's Hessian) are carried through unchanged.
+
+    Returns:
+      A tuple of L arrays, ``delta^(l)`` of shape (..., B, d_l).
+    """
+    gs = net.activations
+    xs, ss = cache
     ds = [delta]
     for l in range(net.num_layers - 1, 0, -1):  # layer l+1 -> l, 0-based: params[l] is W^(l+1)
         # Inductive step (3.5): delta_i^(l) = g_l'(S_i^(l)) * sum_j w_ij^(l+1) delta_j^(l+1).
