@@ -29,7 +29,7 @@ import numpy as np
 from handbackprop import activations as _activations
 from handbackprop import losses as _losses
 from handbackprop.checks import check_int, check_key
-from handbackprop.mlp import MLP, check_params
+from handbackprop.mlp import MLP, check_net, check_params
 from handbackprop.train import TrainState
 
 FORMAT = "handbackprop-checkpoint"
@@ -70,8 +70,10 @@ def net_config(net: MLP) -> dict:
     """The network's configuration as JSON-ready data, one activation name per hidden layer.
 
     Raises:
+      TypeError: for a ``net`` that is not an :class:`~handbackprop.MLP`.
       ValueError: for a custom ``(g, g')`` activation or custom loss.
     """
+    check_net(net)
     acts = _activations.ACTIVATIONS
     return {
         "sizes": list(net.sizes),
