@@ -220,8 +220,11 @@ def test_save_refuses_bad_arguments(saved, tmp_path, kwargs, error, match):
 
 def test_float64_checkpoint_without_x64_warns(saved):
     """With x64 off a float64 checkpoint can only load as float32: said, not silent."""
-    with jax.enable_x64(False):
+    jax.config.update("jax_enable_x64", False)
+    try:
         with pytest.warns(UserWarning, match=r"float64 arrays loaded as float32 because "
                                              r"jax_enable_x64 is off"):
             ckpt = checkpoint.load(saved[0], OPT)
         assert ckpt.state.params[0]["w"].dtype == jnp.float32
+    finally:
+        jax.config.update("jax_enable_x64", True)
