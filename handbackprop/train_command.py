@@ -208,7 +208,7 @@ def _privacy(dp, batch_size, n, epochs, delta, out):
 
 
 def _title(s, epochs, privacy) -> str:
-    """The run's data set and settings, two lines, for the plot's title."""
+    """The plot's title: the data set and network, the settings, and DP-SGD's privacy."""
     sgd = f"SGD lr {s['lr']:g}" + (f", {'Nesterov ' * s['nesterov']}momentum {s['momentum']:g}"
                                    if s["momentum"] else "")
     lines = [f"{s['dataset']}: {'-'.join(map(str, s['sizes']))} {s['activation']}, {s['loss']}",

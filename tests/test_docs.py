@@ -272,3 +272,6 @@ def test_training_page_shows_the_defaults_in_force():
         d = defaults(name)
         row = f"| {name} | {d['lr']:g} | {d['momentum']:g} | {d['l2']:g} | {d['activation']} | {d['epochs']} |"
         assert row in page, row
+    d = defaults("digits")  # what the main job trains with, as the getting-started page says
+    assert (f"SGD with learning rate {d['lr']:g} and L2 {d['l2']:g}, batch {d['batch_size']}, "
+            f"{d['epochs']} epochs") in (ROOT / "docs/getting-started.md").read_text()
