@@ -14,6 +14,7 @@ a moved line moves its link and a changed line cannot leave a link pointing at s
 import pathlib
 import posixpath
 import re
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIRECTIVE = re.compile(r'\[\[src (?P<path>\S+) "(?P<needle>(?:[^"\\]|\\.)+)"(?: (?P<count>\d+))?\]\]')
@@ -52,16 +53,10 @@ def render(match, page_uri: str, root=ROOT) -> str:
     label = f"[`{path}:{line}`]({link}#{line_anchor(line)})"
     if match["count"]:
         quoted = "\n".join(lines[line - 1: line - 1 + int(match["count"])])
-        return f"{label}\n\n```python\n{_dedent(quoted)}\n```"
+        return f"{label}\n\n```python\n{textwrap.dedent(quoted)}\n```"
     text = lines[line - 1].strip().replace("|", "\\|")
     tick = "``" if "`" in text else "`"
     return f"{label} {tick}{text}{tick}"
-
-
-def _dedent(text: str) -> str:
-    import textwrap
-
-    return textwrap.dedent(text)
 
 
 def expand(markdown: str, page_uri: str, root=ROOT) -> str:
