@@ -11,9 +11,32 @@ import sys
 DEFAULT_COMMAND = "train"
 
 
+def _verify_usage(args) -> str | None:
+    """What is wrong with the ``verify`` flags, as one line naming the flag, or ``None``."""
+    from handbackprop.activations import ACTIVATIONS
+
+    hidden = sorted(set(ACTIVATIONS) - {"softmax"})
+    try:
+        sizes = [int(d) for d in args.sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) < 2 or min(sizes) < 1:
+        return f"--sizes: expected two or more positive integers d0,...,dL such as 64,32,10, got {args.sizes!r}"
+    if args.activation not in hidden:
+        return f"--activation: expected one of {', '.join(hidden)}, got {args.activation!r}"
+    for flag, value in (("--batch", args.batch), ("--directions", args.directions)):
+        if value < 1:
+            return f"{flag}: expected an integer >= 1, got {value}"
+    return None
+
+
 def _verify(args) -> int:
     import json
 
+    problem = _verify_usage(args)
+    if problem:
+        print(f"handbackprop verify: error: {problem}", file=sys.stderr)
+        return 2
     import jax
 
     if args.dtype == "float64":
@@ -23,7 +46,7 @@ def _verify(args) -> int:
     import handbackprop as hbp
 
     dtype = jnp.dtype(args.dtype)
-    net = hbp.MLP(tuple(args.sizes), activation=args.activation, loss=args.loss)
+    net = hbp.MLP(tuple(int(d) for d in args.sizes.split(",")), activation=args.activation, loss=args.loss)
     kp, kx, ky, kd = jax.random.split(jax.random.key(args.seed), 4)
     params = hbp.init_params(kp, net, dtype)
     x = jax.random.normal(kx, (args.batch, net.sizes[0]), dtype)
@@ -42,7 +65,7 @@ def _parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     verify = sub.add_parser("verify", help="check backprop against jax.grad and finite differences")
-    verify.add_argument("--sizes", type=lambda s: [int(d) for d in s.split(",")], default=[64, 32, 10],
+    verify.add_argument("--sizes", default="64,32,10",
                         help="layer sizes d0,...,dL (default 64,32,10)")
     verify.add_argument("--activation", default="tanh", help="hidden activation (default tanh)")
     verify.add_argument("--loss", default="squared_error",
