@@ -141,9 +141,10 @@ class GradientReport:
         unit, many = ("leaf", "leaves") if gradient else ("block", "blocks")
         head = (f"{self.title}: {len(self.leaves)} {many}, {self.num_params} parameters"
                 + (f", loss {self.loss:.6g}" if gradient else "")
-                + f"; finite differences: {self.num_directions} directions per {unit}"
-                f"{' + every coordinate' if self.exhaustive else ''} "
-                f"({self.evaluations} {'loss' if gradient else 'function'} evaluations)")
+                + (f"; finite differences: {self.num_directions} directions per {unit}"
+                   f"{' + every coordinate' if self.exhaustive else ''} "
+                   f"({self.evaluations} {'loss' if gradient else 'function'} evaluations)"
+                   if self.evaluations else ""))
         head += "".join(f"\nnote: {n}" for n in self.notes)
         cols = (unit, "shape", "max abs err", "max rel err", "worst at", "yours", "autodiff",
                 "finite diff", "/tol autodiff", "/tol coords", "/tol dirs", "status")
