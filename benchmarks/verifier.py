@@ -7,6 +7,8 @@
   as the default chooses there): the first call and later ones, goal under 5 s (full run only);
 - accuracy: max |numerical_grad - jax.grad| relative to max |jax.grad|, by dtype, for the default
   cbrt(u) step and for check_grads' fixed 1e-4 step;
+- rules: tests/test_rules.py's realistic derivative rules, right and with planted bugs, through
+  ``verify_rule`` and ``jax.test_util.check_grads``: bugs caught, false alarms, seconds per check;
 - detection: the planted bugs of tests/test_verify.py, flagged at the right leaf, by dtype; and
   whether ``jax.test_util.check_grads`` (float32, its default tolerances) passes a correct
   gradient and flags a planted one.
@@ -153,7 +155,51 @@ def _check_grads_float32():
     return out
 
 
-def _summary(cost, accuracy, detection, check_grads, realistic):
+def _rule_cases(quick):
+    """tests/test_rules.py's realistic rules, right and with planted bugs, through
+    ``verify_rule`` (reference mode for the bfloat16 kernel) and ``jax.test_util.check_grads``
+    (order 1, reverse mode, its default tolerances): verdicts and seconds per check, the first
+    call (compilation) included, as a user's test pays it."""
+    from jax.test_util import check_grads
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    import test_rules
+
+    cases = test_rules.cases()
+    if quick:
+        cases = {k: cases[k] for k in ("tanh", "tanh, uniform 1 + 1e-5 (float64)")}
+    rows = []
+    for name, (f, primals, bug) in cases.items():
+        ref = test_rules._mm_act if name.startswith("bfloat16") else None
+        t0 = time.perf_counter()
+        ours = hbp.verify_rule(f, *primals, reference=ref)
+        ours_s = time.perf_counter() - t0
+        failing = [row.name for row in ours.leaves if not row.ok]
+        t0 = time.perf_counter()
+        try:
+            check_grads(f, primals, order=1, modes=["rev"])
+            theirs = "pass"
+        except AssertionError:
+            theirs = "fail"
+        theirs_s = time.perf_counter() - t0
+        rows.append({"case": name, "planted_bug": bug, "handbackprop": "pass" if ours.ok else "fail",
+                     "handbackprop_blocks": ", ".join(failing) or "-", "check_grads": theirs,
+                     "handbackprop_s": ours_s, "check_grads_s": theirs_s})
+    return rows
+
+
+def _rule_summary(rows):
+    bugs = [r for r in rows if r["planted_bug"]]
+    right = [r for r in rows if not r["planted_bug"]]
+    out = {}
+    for who in ("handbackprop", "check_grads"):
+        out[f"rules_{who}_bugs_caught"] = f"{sum(r[who] == 'fail' for r in bugs)} / {len(bugs)}"
+        out[f"rules_{who}_false_alarms"] = f"{sum(r[who] == 'fail' for r in right)} / {len(right)}"
+        out[f"rules_{who}_median_s_per_check"] = float(np.median([r[f"{who}_s"] for r in rows]))
+    return out
+
+
+def _summary(cost, accuracy, detection, check_grads, realistic, rules):
     """Headline figures: the largest network's cost, the FD errors, the planted bugs caught."""
     summary = {f"{r['mode']}_ratio": r["ratio"] for r in cost if r["sizes"] == cost[-1]["sizes"]}
     if realistic is not None:
@@ -163,6 +209,7 @@ def _summary(cost, accuracy, detection, check_grads, realistic):
                     r["max_rel_error"] for r in accuracy})
     summary["planted_right_leaf_fraction"] = sum(r["right_leaf"] for r in detection) / len(detection)
     summary["check_grads_flags_one_element"] = check_grads["one element 1e-3"] == "fail"
+    summary.update(_rule_summary(rules))
     summary["goals"] = GOALS
     return summary
 
@@ -180,6 +227,7 @@ def run(quick: bool = False, results_dir=None) -> dict:
     accuracy = _accuracy((16, 8, 4) if quick else (64, 32, 10))
     detection = _detection(det_dtypes)
     check_grads = _check_grads_float32()
+    rules = _rule_cases(quick)
     tables = {
         "cost": common.markdown_table(cost, [
             ("sizes", "network", "{}"), ("params", "params", "{}"), ("mode", "mode", "{}"),
@@ -191,6 +239,11 @@ def run(quick: bool = False, results_dir=None) -> dict:
         "detection": common.markdown_table(detection, [
             ("dtype", "dtype", "{}"), ("bug", "planted bug", "{}"), ("flagged", "flagged", "{}"),
             ("right_leaf", "at the right leaf", "{}")]),
+        "rules": common.markdown_table(rules, [
+            ("case", "rule", "{}"), ("planted_bug", "planted bug", "{}"),
+            ("handbackprop", "verify_rule", "{}"), ("handbackprop_blocks", "failing blocks", "{}"),
+            ("check_grads", "check_grads", "{}"), ("handbackprop_s", "verify_rule s", "{:.2f}"),
+            ("check_grads_s", "check_grads s", "{:.2f}")]),
         "check_grads_float32": common.markdown_table(
             [{"gradient": k, "verdict": v} for k, v in check_grads.items()],
             [("gradient", "gradient (checker)", "{}"), ("verdict", "verdict", "{}")]),
@@ -203,7 +256,8 @@ def run(quick: bool = False, results_dir=None) -> dict:
         "detection": detection,
         "check_grads_float32": check_grads,
         "realistic": realistic,
-        "summary": _summary(cost, accuracy, detection, check_grads, realistic),
+        "rules": rules,
+        "summary": _summary(cost, accuracy, detection, check_grads, realistic, rules),
         "tables": tables,
     }
     path = common.save(NAME, result, results_dir)

@@ -53,8 +53,15 @@ class _VJPOf:
 
     def __call__(self, *primals_and_u):
         *primals, u = primals_and_u
-        diff, fixed = _split(self.argnums, primals)
-        return jax.vjp(lambda *d: self.fn(*_merge(self.argnums, d, fixed)), *diff)[1](u)
+        return _jax_vjp(self.fn, self.argnums)(primals, u)
+
+
+def _jax_vjp(fn, argnums):
+    """``vjp_fn(primals, u)``: the VJP JAX uses for ``fn`` (its custom rule, if any)."""
+    def vjp_fn(primals, u):
+        diff, fixed = _split(argnums, primals)
+        return jax.vjp(lambda *d: fn(*_merge(argnums, d, fixed)), *diff)[1](u)
+    return vjp_fn
 
 
 def _split(argnums, primals):
@@ -387,11 +394,7 @@ def verify_rule(f, *primals, argnums=None, reference=None, order=1, key=None, nu
     if custom is None:
         notes += ("f has no custom rule: JAX's own derivative of f is checked, by finite differences",)
 
-    def rule(p, u):
-        diff, fixed = _split(argnums, p)
-        return jax.vjp(lambda *d: f(*_merge(argnums, d, fixed)), *diff)[1](u)
-
-    report = _blocks(primal_fn, rule, primals, argnums, key=key, num_directions=num_directions,
+    report = _blocks(primal_fn, _jax_vjp(f, argnums), primals, argnums, key=key, num_directions=num_directions,
                      exhaustive=exhaustive, rtol=rtol, atol=atol, autodiff="where finite" if custom else False,
                      notes=notes, title="rule check")
     rows = []
@@ -403,9 +406,8 @@ def verify_rule(f, *primals, argnums=None, reference=None, order=1, key=None, nu
             np.asarray(fd.normal_draws(jax.random.fold_in(key, 1 << 30), o.shape)).astype(o.dtype)
             for o in jax.tree.leaves(out)])
         second = _VJPOf(f, argnums)
-        hessian = _blocks(second, lambda p, g: jax.vjp(lambda *d: second(*_merge(argnums, d, _split(argnums, p)[1])),
-                                                       *_split(argnums, p)[0])[1](g),
-                          (*primals, u), argnums, key=jax.random.fold_in(key, (1 << 30) + 1), num_directions=num_directions,
+        hessian = _blocks(second, _jax_vjp(second, argnums), (*primals, u), argnums,
+                          key=jax.random.fold_in(key, (1 << 30) + 1), num_directions=num_directions,
                           exhaustive=exhaustive, rtol=rtol, atol=atol, autodiff=False, title="rule check")
         rows += [dataclasses.replace(r, name=f"order 2: {r.name}") for r in hessian.leaves]
         report = dataclasses.replace(report, evaluations=report.evaluations + hessian.evaluations)

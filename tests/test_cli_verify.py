@@ -62,6 +62,7 @@ def rules_module(tmp_path, monkeypatch):
     return "cli_rules_mod"
 
 
+@pytest.mark.slow
 def test_verify_rule_exit_statuses_and_json(capsys, rules_module):
     rc, out, err = _run(capsys, "verify-rule", f"{rules_module}:right", "--shapes", "4x3,3x2")
     assert rc == 0, out + err
