@@ -21,8 +21,10 @@ function: each call traces).
 network (16-8-4) in one mode (directions), 3 repeats, and the planted bugs in float32 only.
 
     python -m benchmarks.verifier [--quick]
+    python -m benchmarks.verifier --update benchmarks/published/cpu   # realistic and rules only
 """
 
+import json
 import pathlib
 import sys
 import time
@@ -188,6 +190,14 @@ def _rule_cases(quick):
     return rows
 
 
+def _rules_table(rows):
+    return common.markdown_table(rows, [
+        ("case", "rule", "{}"), ("planted_bug", "planted bug", "{}"),
+        ("handbackprop", "verify_rule", "{}"), ("handbackprop_blocks", "failing blocks", "{}"),
+        ("check_grads", "check_grads", "{}"), ("handbackprop_s", "verify_rule s", "{:.2f}"),
+        ("check_grads_s", "check_grads s", "{:.2f}")])
+
+
 def _rule_summary(rows):
     bugs = [r for r in rows if r["planted_bug"]]
     right = [r for r in rows if not r["planted_bug"]]
@@ -239,11 +249,7 @@ def run(quick: bool = False, results_dir=None) -> dict:
         "detection": common.markdown_table(detection, [
             ("dtype", "dtype", "{}"), ("bug", "planted bug", "{}"), ("flagged", "flagged", "{}"),
             ("right_leaf", "at the right leaf", "{}")]),
-        "rules": common.markdown_table(rules, [
-            ("case", "rule", "{}"), ("planted_bug", "planted bug", "{}"),
-            ("handbackprop", "verify_rule", "{}"), ("handbackprop_blocks", "failing blocks", "{}"),
-            ("check_grads", "check_grads", "{}"), ("handbackprop_s", "verify_rule s", "{:.2f}"),
-            ("check_grads_s", "check_grads s", "{:.2f}")]),
+        "rules": _rules_table(rules),
         "check_grads_float32": common.markdown_table(
             [{"gradient": k, "verdict": v} for k, v in check_grads.items()],
             [("gradient", "gradient (checker)", "{}"), ("verdict", "verdict", "{}")]),
@@ -269,5 +275,30 @@ def run(quick: bool = False, results_dir=None) -> dict:
     return result
 
 
+def update(results_dir) -> dict:
+    """Re-measure the ``rules`` and ``realistic`` sections only, into an existing
+    ``<results>/verifier.json`` (the others kept, with their own date); ``sections_measured``
+    records when each part was measured. For a shared machine where the full run cannot finish."""
+    path = pathlib.Path(results_dir) / f"{NAME}.json"
+    result = json.loads(path.read_text())
+    kept = result.pop("environment")
+    result.pop("benchmark")
+    result["realistic"], result["rules"] = _realistic(), _rule_cases(False)
+    result["summary"].update(_rule_summary(result["rules"]), goals=GOALS,
+                             realistic_first_call_s=result["realistic"]["first_call_s"],
+                             realistic_later_call_s=result["realistic"]["later_call_s"])
+    result["tables"]["rules"] = _rules_table(result["rules"])
+    result["sections_measured"] = {
+        "cost, accuracy, detection, check_grads_float32": kept["date"],
+        "realistic, rules": common.environment()["date"]}
+    common.save(NAME, result, results_dir)
+    print(result["tables"]["rules"])
+    print({k: v for k, v in result["summary"].items() if k != "goals"})
+    return result
+
+
 if __name__ == "__main__":
-    common.main(run, __doc__)
+    if sys.argv[1:2] == ["--update"]:
+        update(sys.argv[2])
+    else:
+        common.main(run, __doc__)
