@@ -301,10 +301,16 @@ def verify_jvp(f, jvp_fn, *primals, argnums=None, key=None, num_directions=8, ex
     report = _blocks(f, vjp_fn, primals, argnums, key=key, num_directions=num_directions, exhaustive=exhaustive,
                      rtol=rtol, atol=atol, autodiff=True, notes=(note,) if note else (), title="jvp check")
     zeros = tuple(jax.tree.map(jnp.zeros_like, primals[i]) for i in argnums)
-    rows = _value_rows("jvp_fn's primal output", jvp_fn(tuple(primals), tangents(zeros))[0], f(*primals))
+    primal_out, tangent_out = jvp_fn(tuple(primals), tangents(zeros))
+    want = f(*primals)
+    rows = _value_rows("jvp_fn's primal output", primal_out, want)
+    # The transpose above sees only the linear part: a tangent that is not 0 at 0 is an error too.
+    rows += [_compare_row(f"{name} (jvp_fn's tangent of zero tangents)", t, np.zeros(np.shape(t)),
+                          float(jnp.finfo(jnp.result_type(w)).tiny))
+             for name, t, w in zip(_names("out", want), jax.tree.leaves(tangent_out), jax.tree.leaves(want))]
     return dataclasses.replace(report, leaves=report.leaves + tuple(rows), tolerances=report.tolerances + (
         f"primal output rows: jvp_fn's against f's, |yours - f| <= {error_model.AUTODIFF_ULPS} u max|f| "
-        "(column 'autodiff' holds f's value)",))
+        "(column 'autodiff' holds f's value); tangent of zero tangents: exactly 0",))
 
 
 def _zero_tangent(x):

@@ -115,7 +115,6 @@ def check_backprop(net: MLP, params, x, y, *, key=None, num_directions=8, exhaus
     return dataclasses.replace(report, leaves=leaves, layers=layers)
 
 
-
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_backprop(net, params, x, y):
     return backprop(net, params, x, y)

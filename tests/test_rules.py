@@ -192,6 +192,8 @@ def test_logsumexp_custom_jvp_at_large_and_small_magnitudes():
     assert hbp.verify_jvp(f, rule, _x((4, 8))).ok
     off = lambda p, t: (f(*p) + 1e-3, jax.jvp(f, p, t)[1])  # noqa: E731
     assert _failing(hbp.verify_jvp(f, off, _x((4, 8)))) == ["out (jvp_fn's primal output)"]
+    affine = lambda p, t: (f(*p), jax.jvp(f, p, t)[1] + 1e-3)  # noqa: E731  (not linear in t)
+    assert _failing(hbp.verify_jvp(f, affine, _x((4, 8)))) == ["out (jvp_fn's tangent of zero tangents)"]
 
 
 @jax.custom_jvp
