@@ -8,6 +8,10 @@ Conventions the pages follow (and that these tests enforce):
   (compared as doctest does, with ``...`` matching anything and whitespace normalised).
 - A ```bash / ```sh block runs each line (``#`` comments and continuation lines aside) as a
   command that must exit 0; only cheap ones belong there, such as help texts.
+- A ```python block preceded by ``<!-- docs-test: file NAME.py -->`` is also a file of the
+  user's: it is written as NAME.py into the folder the page's blocks and commands run in, so
+  later blocks and commands can import it. Functions named ``test_*`` that a block defines
+  are called, as pytest would.
 - A block that is too expensive to run here (training for many epochs, installing packages,
   several hosts) is preceded by ``<!-- docs-test: skip (why) -->``; the reason is required.
 """
@@ -27,6 +31,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([*ROOT.glob("docs/*.md"), ROOT / "README.md"])
 FENCE = re.compile(r"(?P<skip><!-- docs-test: skip \((?P<why>[^)]+)\) -->\n)?"
+                   r"(?:<!-- docs-test: file (?P<file>[\w.-]+\.py) -->\n)?"
                    r"^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```\n"
                    r"(?:\n```text\n(?P<out>.*?)^```\n)?", re.MULTILINE | re.DOTALL)
 SHELL = {"bash", "sh", "console", "shell"}
@@ -48,6 +53,16 @@ def blocks(page):
     return [(m["lang"], m["body"], m["out"], m["why"]) for m in FENCE.finditer(page.read_text())]
 
 
+def files(page):
+    """``{name: source}`` of the blocks the page presents as the user's own files."""
+    return {m["file"]: m["body"] for m in FENCE.finditer(page.read_text()) if m["file"]}
+
+
+def _write_files(page, folder):
+    for name, source in files(page).items():
+        (folder / name).write_text(source)
+
+
 def _id(page):
     return page.relative_to(ROOT).as_posix()
 
@@ -55,15 +70,21 @@ def _id(page):
 # The blocks run in one child process, each page in a fresh namespace: JAX starts clean (a
 # block may configure it without affecting the other tests) and is imported once for all pages.
 RUNNER = r"""
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, os, sys, traceback
 results = {}
-for page, sources in json.loads(sys.stdin.read()).items():
+for page, (folder, sources) in json.loads(sys.stdin.read()).items():
+    os.chdir(folder)
+    sys.path.insert(0, folder)
     ns, out = {"__name__": "__main__"}, results.setdefault(page, [])
     for i, src in enumerate(sources):
         buf = io.StringIO()
         try:
             with contextlib.redirect_stdout(buf):
+                before = set(ns)
                 exec(compile(src, f"<{page}, block {i}>", "exec"), ns)
+                for name in sorted(set(ns) - before):  # a pytest block: run its tests
+                    if name.startswith("test_") and callable(ns[name]):
+                        ns[name]()
         except Exception:
             out.append({"stdout": buf.getvalue(), "error": traceback.format_exc()})
             break
@@ -81,8 +102,13 @@ def _runnable(page):
 
 
 @pytest.fixture(scope="module")
-def python_results():
-    sources = {_id(p): [body for body, _ in _runnable(p)] for p in PAGES if _runnable(p)}
+def python_results(tmp_path_factory):
+    sources = {}
+    for p in PAGES:
+        if _runnable(p):
+            folder = tmp_path_factory.mktemp(p.stem)
+            _write_files(p, folder)
+            sources[_id(p)] = (str(folder), [body for body, _ in _runnable(p)])
     proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(sources),
                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,12 +140,13 @@ SHELL_BLOCKS = [(p, body) for p in PAGES for lang, body, _, why in blocks(p)
 
 
 @pytest.mark.parametrize("page, body", SHELL_BLOCKS, ids=[_id(p) for p, _ in SHELL_BLOCKS])
-def test_cheap_shell_blocks_run(page, body):
+def test_cheap_shell_blocks_run(page, body, tmp_path):
+    _write_files(page, tmp_path)
     for command in _commands(body):
         argv = shlex.split(command)
         assert argv[0] == "python", f"{_id(page)}: {command!r}: only python commands are run here"
         proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
-                              cwd=ROOT, env=_env(), timeout=60)
+                              cwd=tmp_path, env=_env(), timeout=60)
         assert proc.returncode == 0, f"{_id(page)}: {command}\n{proc.stderr[-2000:]}"
         assert proc.stdout.strip(), f"{_id(page)}: {command} printed nothing"
 
