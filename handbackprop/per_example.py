@@ -16,8 +16,8 @@ an example whose gradient is not finite is left out of a clipped sum and counted
 :func:`clipped_sums` is the clipped form of :func:`handbackprop.backprop.batch_sums`, the
 sums that :func:`handbackprop.backprop.finish` (and DP-SGD's noise) turn into a gradient.
 Per-example gradients are those of each example's own loss e_b: unreduced (no 1/B, whatever
-``net.reduction``) and without the L2 term, which is data-independent. ``mean(g_b) + l2 W`` is the batch gradient of a
-``reduction="mean"`` network.
+``net.reduction``) and without the L2 term, which is data-independent. ``mean(g_b) + l2 W``
+is the batch gradient of a ``reduction="mean"`` network.
 """
 
 import dataclasses

@@ -225,3 +225,13 @@ def test_noisy_mean_and_tree_normal_check_their_arguments():
         hbp.tree_normal(key, ())
     with pytest.raises(TypeError, match=r"tree: .*got leaf dtypes \['int64'\]"):
         hbp.tree_normal(key, {"a": jnp.arange(3)})
+
+
+def test_poisson_capacity_rounds_up_to_a_multiple_of_the_devices():
+    assert hbp.dp.poisson_capacity(1000, 32) == 67
+    assert hbp.dp.poisson_capacity(1000, 32, multiple_of=4) == 68
+    assert hbp.dp.poisson_capacity(10, 10, multiple_of=4) == 12  # beyond n: padding only
+    idx, mask = hbp.dp.poisson_batch(jax.random.key(0), 10, 10, multiple_of=4)
+    assert idx.shape == (12,) and int(mask.sum()) == 10 and not bool(mask[10:].any())
+    with pytest.raises(ValueError, match="multiple_of: expected an int >= 1, got 0"):
+        hbp.dp.poisson_capacity(10, 5, multiple_of=0)
