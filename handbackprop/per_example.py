@@ -30,6 +30,7 @@ import numpy as np
 from handbackprop.backprop import (Sums, backprop, check_weights, example_losses,
                                    forward_backward, gradient_sums, like_params, weighted_sum)
 from handbackprop.checks import check_scalar
+from handbackprop.losses import labels_ok
 from handbackprop.mlp import MLP, check_x, check_y
 
 METHODS = ("outer", "vmap")
@@ -186,7 +187,9 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     ``c_b = min(1, C / ||g_b||)`` (1 at ``g_b = 0``), applied to the deltas, so the clipped
     sum is ``X^(l-1)T (w c D^(l))`` per layer: one backward pass, no per-example gradients
     in memory. An example whose gradient is not finite gets ``c_b = 0``: it contributes
-    nothing (rather than making the whole sum NaN) and is counted in ``dropped``.
+    nothing (rather than making the whole sum NaN) and is counted in ``dropped``; except for
+    a traced label out of the loss's domain, whose NaN gradient makes the sum NaN, as a bad
+    value does everywhere under ``jax.jit``.
 
     Args:
       net: the network (static under ``jax.jit``); neither ``reduction`` nor ``l2`` apply.
@@ -208,15 +211,18 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     clip = jnp.asarray(clip_norm, s.dtype)
     # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
     c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
-    keep = finite
+    # A traced label out of the loss's domain is a bad value, not a fault of the data: its NaN
+    # gradient must show in the sum (as everywhere else), so it is kept and not counted.
+    bad_label = ~labels_ok(net.loss, y, net.sizes[-1])
+    c = jnp.where(bad_label, jnp.nan, c)
+    lost = ~finite & ~bad_label
     if weights is not None:
         w = weights.astype(c.dtype)
         # A traced weight outside [0, 1] (or NaN) would break the bound C: NaN, not a number.
         c = jnp.where((w >= 0) & (w <= 1), c * w, jnp.nan)
-        dropped = jnp.sum(~finite & (weights != 0), dtype=jnp.int32)
-    else:
-        dropped = jnp.sum(~finite, dtype=jnp.int32)
-    keep = keep[:, None]
+        lost = lost & (weights != 0)
+    dropped = jnp.sum(lost, dtype=jnp.int32)
+    keep = (finite | bad_label)[:, None]
     # Zero the rows of non-finite examples (0 * Inf would be NaN), then X^T (c * D).
     xs = tuple(jnp.where(keep, a, 0) for a in xs)
     ds = tuple(jnp.where(keep, c[:, None] * d, 0) for d in ds)
@@ -232,7 +238,8 @@ def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad
     too); the scaled sum is formed in the same pass as ``X^(l-1)T (c * D^(l))`` per layer: no
     second backward pass and no per-example gradients in memory. An example whose gradient
     has a NaN or Inf entry contributes nothing and is counted in ``dropped``; its norm is
-    NaN. ``net.reduction`` does not apply (both sum and mean are returned), nor does
+    NaN (a traced label out of the loss's domain, which cannot be refused, makes the sum NaN
+    instead, as it does every gradient). ``net.reduction`` does not apply (both sum and mean are returned), nor does
     ``net.l2``: the L2 gradient ``l2 W`` is data-independent, so it is added after clipping
     (and after noise, in DP-SGD), not clipped.
 
