@@ -78,8 +78,29 @@ def _norm_parts(net: MLP, xs, ds):
     return s, r, jnp.isfinite(s) & jnp.isfinite(r)
 
 
-def _norms(s, r, finite):
-    return jnp.where(finite, s * r, jnp.nan)
+def _measure(net: MLP, xs, ds, clip=1.0):
+    """``(norms, finite, c)``, each (B,): ``||g_b||`` (NaN where g_b is not finite), whether it
+    is finite, and the clipping factor ``c_b = min(1, clip / ||g_b||)`` (0 where not finite).
+
+    The plain squared norms ``sum_l ||delta_b^(l)||^2 (||x_b^(l-1)||^2 + [bias])``, unless one
+    of them is not finite (an overflow, a NaN or an Inf): then, behind ``lax.cond`` so that
+    the usual case pays nothing more, the scaled form of :func:`_norm_parts`.
+    """
+    sq = sum(jnp.sum(d * d, axis=1) * (jnp.sum(a * a, axis=1) + (1.0 if net.bias else 0.0))
+             for a, d in zip(xs, ds))
+    clip = jnp.asarray(clip, sq.dtype)
+
+    def plain():
+        norms = _safe_sqrt(sq)
+        return norms, jnp.ones(norms.shape, bool), clip / jnp.maximum(norms, clip)
+
+    def scaled():
+        s, r, finite = _norm_parts(net, xs, ds)
+        # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
+        c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
+        return jnp.where(finite, s * r, jnp.nan), finite, jnp.where(finite, c, 0)
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, scaled)
 
 
 def per_example_grads(net: MLP, params, x, y, method: str = "outer"):
@@ -153,7 +174,7 @@ def per_example_grad_norms(net: MLP, params, x, y):
       (2,)
     """
     cache, _, ds = forward_backward(net, params, x, y)
-    return _norms(*_norm_parts(net, cache.xs[:-1], ds))
+    return _measure(net, cache.xs[:-1], ds)[0]
 
 
 class ClippedGrad(NamedTuple):
@@ -207,10 +228,7 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     weights = check_weights(weights, x, unit=True)
     cache, y, ds = forward_backward(net, params, x, y)
     xs = cache.xs[:-1]
-    s, r, finite = _norm_parts(net, xs, ds)
-    clip = jnp.asarray(clip_norm, s.dtype)
-    # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
-    c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
+    norms, finite, c = _measure(net, xs, ds, clip_norm)
     # A traced label out of the loss's domain is a bad value, not a fault of the data: its NaN
     # gradient must show in the sum (as everywhere else), so it is kept and not counted.
     bad_label = ~labels_ok(net.loss, y, net.sizes[-1])
@@ -227,7 +245,7 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     xs = tuple(jnp.where(keep, a, 0) for a in xs)
     ds = tuple(jnp.where(keep, c[:, None] * d, 0) for d in ds)
     loss = weighted_sum(example_losses(net, cache, y), weights)
-    return Sums(loss, gradient_sums(net, xs, ds), _norms(s, r, finite), dropped)
+    return Sums(loss, gradient_sums(net, xs, ds), norms, dropped)
 
 
 def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad:
