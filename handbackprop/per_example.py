@@ -92,7 +92,7 @@ def _measure(net: MLP, xs, ds, clip=1.0):
 
     def plain():
         norms = _safe_sqrt(sq)
-        return norms, jnp.ones(norms.shape, bool), clip / jnp.maximum(norms, clip)
+        return norms, jnp.isfinite(sq), clip / jnp.maximum(norms, clip)  # all True here
 
     def scaled():
         s, r, finite = _norm_parts(net, xs, ds)
