@@ -203,7 +203,7 @@ def test_noisy_mean_and_tree_normal_check_their_arguments():
     """noisy_mean checked nothing: batch -2 flipped the step, 0 gave Inf; tree_normal(key, ())
     failed inside jax.random. Now each is a clear error naming the argument."""
     params, x, y = make_problem(NET, 3)
-    key, total = jax.random.key(0), hbp.clipped_grad(NET, params, x, y, 1.0).sum
+    key, total = jax.random.key(0), jax.tree.map(jnp.zeros_like, params)
     good = dict(clipped_sum=total, batch=3, key=key, clip_norm=1.0, noise_multiplier=1.0)
     cases = [
         (dict(batch=-2), ValueError, "batch: expected an int >= 1, got -2"),
