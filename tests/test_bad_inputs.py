@@ -191,6 +191,10 @@ ROWS = [
     ("check_backprop: num_directions 0", lambda: hbp.check_backprop(NET, P, X, Y, num_directions=0), _raises(ValueError, r"^num_directions: ")),
     ("verify_gradient: num_directions 0", lambda: hbp.verify_gradient(lambda p: jnp.sum(p ** 2), lambda p: 2 * p, jnp.ones(3), num_directions=0), _raises(ValueError, r"^num_directions: ")),
     ("verify_gradient: a vector loss", lambda: hbp.verify_gradient(lambda p: p, lambda p: p, jnp.ones(3)), _raises(E, r"^loss_fn: ")),
+    ("verify_vjp: vjp_fn returns a bare array", lambda: hbp.verify_vjp(jnp.sin, lambda p, g: g, jnp.ones(3)), _raises(ValueError, r"^vjp_fn: expected a tuple")),
+    ("verify_jvp: argnums out of range", lambda: hbp.verify_jvp(jnp.sin, lambda p, t: (p, t), jnp.ones(3), argnums=1), _raises(ValueError, r"^argnums: ")),
+    ("verify_rule: order 3", lambda: hbp.verify_rule(jnp.sin, jnp.ones(3), order=3), _raises(ValueError, r"^order: ")),
+    ("verify_rule: an integer primal only", lambda: hbp.verify_rule(jnp.sin, jnp.arange(3)), _raises(TypeError, r"^primals: ")),
     ("numerical_grad: method 'sideways'", lambda: hbp.numerical_grad(lambda p: jnp.sum(p), jnp.ones(3), method="sideways"), _raises(ValueError, r"^method: ")),
     # -- several devices -----------------------------------------------------------------------
     ("data_parallel_mesh: 0 devices", lambda: hbp.data_parallel_mesh(0), _raises(ValueError, r"^num_devices: ")),
@@ -247,6 +251,8 @@ ROWS = [
     ("cli verify: --batch 0", ["verify", "--batch", "0"], _cli("batch")),
     ("cli verify: --batch -1", ["verify", "--batch", "-1"], _cli("batch")),
     ("cli verify: --dtype float16", ["verify", "--dtype", "float16"], _cli("--dtype")),
+    ("cli verify-rule: --shapes 4xa", ["verify-rule", "jax.numpy:sin", "--shapes", "4xa"], _cli("--shapes: ")),
+    ("cli verify-rule: no such module", ["verify-rule", "no_such_module_xyz:f", "--shapes", "4"], _cli("MODULE:FUNCTION: cannot import")),
 ]
 ROW_IDS = [r[0] for r in ROWS]
 assert len(set(ROW_IDS)) == len(ROW_IDS), "row ids must be unique"
