@@ -25,13 +25,6 @@ from handbackprop import activations, checkpoint, cli, data, dp, losses, paralle
 
 # Rows whose fix lives on another helper's branch; the lead removes this skip after merging.
 _FIXED_ELSEWHERE = {
-    "clipped_grad: a NaN example is dropped, not spread",
-    "clipped_grad: weights above 1",
-    "clipped_grad: NaN weights",
-    "noisy_mean: batch -2",
-    "noisy_mean: batch 0",
-    "tree_normal: an empty tree",
-    "backprop: mixed float32/bfloat16 params keep their dtypes",
     "check_backprop: label 7 of 3 classes",
     "fit: y shorter than x",
     "fit: NaN in y",
@@ -213,6 +206,10 @@ ROWS = [
     ("sharded_value_and_backprop: empty batch", lambda: hbp.sharded_value_and_backprop(NET, P, X[:0], Y[:0], MESH), _raises(ValueError, r"^x: .*empty")),
     ("sharded_backprop: label 7", lambda: hbp.sharded_backprop(SOFTMAX, PS, X, C.at[0].set(7), MESH), _raises(ValueError, r"^y: ")),
     ("sharded_clipped_grad: clip_norm nan", lambda: hbp.sharded_clipped_grad(NET, P, X, Y, float("nan"), MESH), _raises(ValueError, r"^clip_norm: ")),
+    ("parallel.sharded_sums: weights above 1", lambda: parallel.sharded_sums(NET, P, X, Y, MESH, 1.0, jnp.full(4, 2.0)), _raises(ValueError, r"^weights: ")),
+    ("parallel.sharded_sums: clip_norm -1", lambda: parallel.sharded_sums(NET, P, X, Y, MESH, -1.0), _raises(ValueError, r"^clip_norm: ")),
+    ("parallel.sharded_sums: not a mesh", lambda: parallel.sharded_sums(NET, P, X, Y, "mesh"), _raises(TypeError, r"^mesh: ")),
+    ("parallel.sharded_sums: traced label 7 gives NaN", lambda: jax.jit(parallel.sharded_sums, static_argnums=(0, 4, 5))(SOFTMAX, PS, X, C.at[0].set(7), MESH, 1.0).grads, NAN),
     ("sharded_dp_grad: empty batch", lambda: hbp.sharded_dp_grad(NET, P, X[:0], Y[:0], KEY, 1.0, 1.0, MESH), _raises(ValueError, r"^x: .*empty")),
     # -- small modules -------------------------------------------------------------------------
     ("activations.get: 'gelu'", lambda: activations.get("gelu"), _raises(ValueError, r"^activation: unknown activation 'gelu'")),
