@@ -31,11 +31,6 @@ _FIXED_ELSEWHERE = {
     "train_epoch: batch_size=8.0",
     "train_epoch: y shorter than x",
     "sgd: a momentum state given to plain SGD",
-    "cli verify: --activation gelu",
-    "cli verify: --sizes 3",
-    "cli verify: --directions 0",
-    "cli verify: --batch 0",
-    "cli verify: --batch -1",
 }
 
 # Rows that still fail, in files this branch does not own: strict xfails, so that the fix
