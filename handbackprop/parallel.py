@@ -218,7 +218,8 @@ def sharded_backprop(net: MLP, params, x, y, mesh):
     return sharded_value_and_backprop(net, params, x, y, mesh)[1]
 
 
-def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_example.ClippedGrad:
+def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh,
+                         weights=None) -> _per_example.ClippedGrad:
     """:func:`handbackprop.clipped_grad` with the batch split over ``mesh``.
 
     Every device clips its own examples' gradients (their norms need nothing from other
@@ -227,6 +228,7 @@ def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_exampl
     Args:
       net, params, x, y, clip_norm: as for :func:`handbackprop.clipped_grad`.
       mesh: a mesh with a ``"data"`` axis; static under jit.
+      weights: as for :func:`handbackprop.clipped_grad`, split over the mesh like the batch.
 
     Returns:
       A :class:`handbackprop.ClippedGrad` ``(sum, mean, norms)``: ``sum`` and ``mean``
@@ -238,12 +240,12 @@ def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_exampl
     check_scalar("clip_norm", clip_norm)
     x, y = _check_inputs(net, params, x, y, mesh)
 
-    def shard(params, x, y, clip_norm):
-        clipped = _per_example.clipped_grad(net, params, x, y, clip_norm)
+    def shard(params, x, y, clip_norm, weights):
+        clipped = _per_example.clipped_grad(net, params, x, y, clip_norm, weights=weights)
         return jax.lax.psum(clipped.sum, AXIS), clipped.norms
 
-    total, norms = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
-                                 out_specs=(P(), P(AXIS)))(params, x, y, clip_norm)
+    total, norms = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(), P(AXIS)),
+                                 out_specs=(P(), P(AXIS)))(params, x, y, clip_norm, weights)
     mean = jax.tree.map(lambda g: g / x.shape[0], total)
     return _per_example.ClippedGrad(total, mean, norms)
 

@@ -2,6 +2,8 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/parallel_worker.py checks OUT
     python tests/parallel_worker.py process OUT PORT PROCESS_ID   # one of two, 2 CPU devices each
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/parallel_worker.py train OUT
+    python tests/parallel_worker.py sharded OUT PORT PROCESS_ID   # one of two, each half the data
 
 ``checks`` computes every sharded result next to its single-device counterpart in one process
 (JAX starts once) and writes ``OUT/checks.npz`` (arrays, ``case|sharded|i`` and
@@ -169,6 +171,48 @@ def process(out, port, process_id):
     jax.distributed.shutdown()
 
 
+def train_modes(out):
+    """With 4 CPU devices in one process: DP-SGD over a mesh of 4 (Poisson and shuffled)
+    against the same runs on one device, in float64; writes ``OUT/train.npz``."""
+    import handbackprop as hbp
+
+    net, opt, data = problem()
+    mesh = hbp.data_parallel_mesh()
+    arrays = {}
+    for name, dp in (("poisson", (1.0, 0.5, True)), ("shuffle", (1.0, 0.5, False))):
+        for where, m in (("mesh", mesh), ("single", None)):
+            state, history = hbp.fit(net, opt, data, epochs=2, batch_size=16,
+                                     key=jax.random.key(0), dtype=np.float64, mesh=m, dp=dp)
+            for i, a in enumerate(jax.tree.leaves(state.params)):
+                arrays[f"{name}|{where}|{i}"] = np.asarray(a)
+            arrays[f"{name}|{where}|losses"] = np.array(history["train_loss"])
+    np.savez(out / "train.npz", **arrays)
+
+
+def sharded_process(out, port, process_id):
+    """One of two processes, one CPU device each, each holding only its half of the data:
+    trains in float32 (the default dtype) and writes ``OUT/sharded<i>.npz``."""
+    import handbackprop as hbp
+
+    hbp.parallel.initialize(devices=1, coordinator=f"127.0.0.1:{port}", num_processes=2,
+                            process_id=process_id)
+    net, opt, (x, y) = problem("float32")
+    mesh = hbp.data_parallel_mesh()
+    rows = hbp.process_rows(len(x), mesh)
+    local = (x[rows].copy(), y[rows].copy())  # as if loaded alone: the rest is dropped
+    del x, y
+    sharded = hbp.shard_data(net, local, mesh)
+    state, history = hbp.fit(net, opt, sharded, epochs=3, batch_size=16, key=jax.random.key(0),
+                             mesh=mesh)
+    leaves = [np.asarray(a.addressable_data(0)) for a in jax.tree.leaves(state.params)]
+    resident = sum(s.data.nbytes for a in (sharded.x, sharded.y) for s in a.addressable_shards)
+    np.savez(out / f"sharded{process_id}.npz", *leaves, losses=np.array(history["train_loss"]),
+             rows=np.array([rows.start, rows.stop]),
+             host_bytes=np.array([local[0].nbytes + local[1].nbytes]),
+             device_bytes=np.array([resident]), processes=np.array([jax.process_count()]))
+    jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
     configure()
     mode, out = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -176,5 +220,9 @@ if __name__ == "__main__":
         checks(out)
     elif mode == "process":
         process(out, int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "train":
+        train_modes(out)
+    elif mode == "sharded":
+        sharded_process(out, int(sys.argv[3]), int(sys.argv[4]))
     else:
         sys.exit(f"unknown mode {mode!r}")

@@ -109,6 +109,7 @@ def _assert_close(arrays, case, tol):
         np.testing.assert_allclose(sharded, single, rtol=0, atol=tol * scale, err_msg=key)
 
 
+@pytest.mark.slow
 def test_the_subprocess_used_four_devices(checks):
     _, meta = checks
     assert meta["device_count"] == 4
@@ -122,6 +123,7 @@ def test_the_subprocess_used_four_devices(checks):
         assert meta[f"train/{dtype}/devices"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("net", ["softmax_mean_l2", "squared_sum_l2_nobias", "binary"])
 def test_sharded_gradient_equals_single_device(checks, dtype, net):
@@ -129,11 +131,13 @@ def test_sharded_gradient_equals_single_device(checks, dtype, net):
     _assert_close(arrays, f"grad/{dtype}/{net}", TOL[dtype])  # loss and every gradient leaf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sharded_gradient_on_part_of_the_devices(checks, dtype):
     _assert_close(checks[0], f"grad2/{dtype}/softmax_mean_l2", TOL[dtype])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sharded_clipping_and_dp_equal_single_device_with_the_same_key(checks, dtype):
     arrays, _ = checks
@@ -145,11 +149,13 @@ def test_sharded_clipping_and_dp_equal_single_device_with_the_same_key(checks, d
     assert np.max(np.abs(first - other)) > 100 * TOL[dtype] * np.max(np.abs(first))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sharded_training_matches_single_device(checks, dtype):
     _assert_close(checks[0], f"train/{dtype}", TRAIN_TOL[dtype])  # parameters and losses
 
 
+@pytest.mark.slow
 def test_errors_name_the_argument_before_computation(checks):
     errors = checks[1]["errors"]
     indivisible = "batch size {} is not divisible by the 4 devices of the mesh"
@@ -172,6 +178,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     port = _free_port()  # free a moment ago; the coordinator (process 0) binds it
     procs = [_start("process", tmp_path, port, i) for i in range(2)]
@@ -217,10 +224,30 @@ def test_one_device_mesh_is_the_plain_computation():
     assert_trees_close(sharded, single, rtol=1e-13, atol=0, what="one-device mesh")
 
 
+AUTODIFF = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "hessian", "jacobian",
+            "jacfwd", "jacrev"}
+# Where autodiff is an oracle, as the rules allow: the verifier, and the train command's check
+# of the hand gradient against jax.grad before it trains.
+ORACLES = {"verify.py", "train_command.py"}
+
+
 def test_library_gradient_code_uses_no_autodiff():
-    source = pathlib.Path(parallel.__file__).read_text()
-    for name in ("jax.grad", "jax.vjp", "jax.jvp", "value_and_grad", "jax.linearize"):
-        assert name not in source, name
+    """No jax.grad and kin in any library module's code (docstrings may name them)."""
+    import ast
+
+    modules = sorted(pathlib.Path(hbp.__file__).parent.glob("*.py"))
+    assert len(modules) > 10 and {m.name for m in modules} >= ORACLES
+    found = {}
+    for module in modules:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in AUTODIFF and (
+                    isinstance(node.value, ast.Name) and node.value.id == "jax"):
+                found.setdefault(module.name, set()).add(f"jax.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module == "jax":
+                found.setdefault(module.name, set()).update(
+                    a.name for a in node.names if a.name in AUTODIFF)
+    assert {m: names for m, names in found.items() if m not in ORACLES} == {}
+    assert "verify.py" in found  # the scan sees real uses
 
 
 @pytest.mark.parametrize("call, message", [
@@ -304,12 +331,13 @@ def _assert_same_run(result, reference):
             np.testing.assert_allclose(result[split][k], v, rtol=TRAIN_TOL["float64"])
 
 
+@pytest.mark.slow
 def test_cli_devices_splits_batches_and_checks_divisibility(one_device_run):
     (rc, out, err), (bad_rc, _, bad_err), (poisson_rc, _, poisson_err) = _cli_results([
         _cli(*XOR, "--devices", "2"), _cli(*XOR, "--devices", "3"),
         _cli(*XOR, "--devices", "2", "--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "poisson")])
     assert rc == 0, err[-3000:]
-    assert poisson_rc == 2 and "--dp-sampling: poisson is not implemented across several" in poisson_err
+    assert poisson_rc == 0, poisson_err[-3000:]  # Poisson-sampled DP-SGD over a mesh
     result = json.loads(out)
     assert result["devices"] == 2 and result["processes"] == 1 and one_device_run["devices"] == 1
     _assert_same_run(result, one_device_run)
@@ -317,6 +345,7 @@ def test_cli_devices_splits_batches_and_checks_divisibility(one_device_run):
                             "data-parallel mesh") in bad_err
 
 
+@pytest.mark.slow
 def test_cli_two_processes_train_like_one(one_device_run):
     port = _free_port()
     flags = ["--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
