@@ -320,10 +320,10 @@ def test_fit_rejects_bad_settings(small, xor, no_computation, kwargs, match):
 
 
 @pytest.mark.parametrize("loss, k, y, match", [
-    ("softmax_cross_entropy", 3, np.array([0, 1, 3, 2]), r"class labels in \[0, 3\).*got labels 0 to 3"),
+    ("softmax_cross_entropy", 3, np.array([0, 1, 3, 2]), r"class labels in \[0, 3\), got 3 at index 2"),
     ("softmax_cross_entropy", 3, np.array([-1, 1, 0, 2]), r"in \[0, 3\)"),
-    ("softmax_cross_entropy", 3, -np.ones((4, 3)), "non-negative probability rows"),
-    ("binary_cross_entropy", 1, np.array([0, 1, 2, 1]), r"0/1 labels, got values \[0, 1, 2\]"),
+    ("softmax_cross_entropy", 3, -np.ones((4, 3)), "probability rows"),
+    ("binary_cross_entropy", 1, np.array([0, 1, 2, 1]), r"targets in \[0, 1\], got 2.0 at index \(2, 0\)"),
     ("binary_cross_entropy", 2, np.array([0, 1, 1, 0]), r"binary_cross_entropy expects floating targets of shape \(4, 2\), got shape \(4,\) dtype int"),
     ("binary_cross_entropy", 1, np.full((4, 1), 1.5), r"targets in \[0, 1\]"),
     ("squared_error", 1, np.array([0, 1, 1, 0]), r"squared_error expects floating targets of shape \(4, 1\), got shape \(4,\) dtype int"),
