@@ -119,26 +119,3 @@ def test_help_explains_every_option(capsys):
                    "--resume", "--json"):
         assert option in text
 
-
-@pytest.mark.slow
-def test_two_processes_with_the_default_float32(capsys):
-    """Issue 11: two processes training in float32 (the default) used to crash at the end,
-    and --json printed nothing. Each holds half of xor's training set; both print the one
-    process's results, to float32 rounding (2e-5 relative: 2 epochs of 8 steps, the sums in
-    another order, ~16 ulps per step)."""
-    from test_parallel import _cli, _cli_results, _free_port
-
-    argv = [*XOR, "--epochs", "2", "--json"]
-    rc, out, err = _run(capsys, *argv)
-    assert rc == 0, err
-    reference = json.loads(out)
-    flags = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-    for rc, out, err in _cli_results([_cli(*argv, *flags, "--process-id", i) for i in range(2)]):
-        assert rc == 0, err[-3000:]
-        result = json.loads(out)
-        assert result["processes"] == 2 and result["settings"]["dtype"] == "float32"
-        np.testing.assert_allclose(result["history"]["train_loss"],
-                                   reference["history"]["train_loss"], rtol=2e-5)
-        for split in ("train", "test"):
-            for k, v in reference[split].items():
-                np.testing.assert_allclose(result[split][k], v, rtol=2e-5, atol=1e-6)

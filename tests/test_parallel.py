@@ -156,6 +156,13 @@ def test_sharded_training_matches_single_device(checks, dtype):
 
 
 @pytest.mark.slow
+def test_poisson_dp_sgd_over_a_mesh_is_the_one_device_run(checks):
+    # As the sharded training above: the same examples summed in another order (the batch
+    # padded from 39 to 40 slots, the padding masked out); float64, 8 steps with momentum.
+    _assert_close(checks[0], "train_poisson/float64", TRAIN_TOL["float64"])
+
+
+@pytest.mark.slow
 def test_errors_name_the_argument_before_computation(checks):
     errors = checks[1]["errors"]
     indivisible = "batch size {} is not divisible by the 4 devices of the mesh"
@@ -196,6 +203,20 @@ def test_two_processes_train_like_one(tmp_path):
         assert_trees_close(got, leaves, rtol=0, atol=TRAIN_TOL["float64"], what="parameters")
         np.testing.assert_allclose(r["losses"], losses, rtol=TRAIN_TOL["float64"])
     assert all(np.array_equal(results[0][k], results[1][k]) for k in results[0])  # replicas agree
+    # Then each process held only its half of the 72 examples (measured on the host and on
+    # its devices) and, in float32, took the one-process steps: TRAIN_TOL["float32"] of each
+    # leaf's largest entry, as the sums run in another order.
+    leaves, losses = _worker_module().train_single("float32")
+    half = 72 * (5 * 4 + 4) // 2  # x float32 (72, 5) and y int32 (72,)
+    for i in range(2):
+        with np.load(tmp_path / f"sharded{i}.npz") as f:
+            r = {k: f[k] for k in f.files}
+        assert r["rows"].tolist() == [36 * i, 36 * (i + 1)]
+        assert r["host_bytes"] == half and r["device_bytes"] == half
+        for j, expected in enumerate(leaves):
+            np.testing.assert_allclose(r[f"arr_{j}"], expected, rtol=0,
+                                       atol=TRAIN_TOL["float32"] * np.max(np.abs(expected)))
+        np.testing.assert_allclose(r["losses"], losses, rtol=TRAIN_TOL["float32"])
 
 
 
@@ -314,21 +335,30 @@ def _cli_results(procs):
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-@pytest.fixture(scope="module")
-def one_device_run():
+XOR32 = XOR[:-3] + ["--json"]  # the default dtype, float32
+assert XOR[-3:-1] == ["--dtype", "float64"]
+
+
+def _one_device_run(argv):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert cli.main(XOR) == 0
+        assert cli.main(argv) == 0
     return json.loads(out.getvalue())
 
 
-def _assert_same_run(result, reference):
+@pytest.fixture(scope="module")
+def one_device_run():
+    return _one_device_run(XOR)
+
+
+def _assert_same_run(result, reference, dtype="float64"):
     assert result["settings"] == reference["settings"]
+    tol = TRAIN_TOL[dtype]
     np.testing.assert_allclose(result["history"]["train_loss"], reference["history"]["train_loss"],
-                               rtol=TRAIN_TOL["float64"])
+                               rtol=tol)
     for split in ("train", "test"):
         for k, v in reference[split].items():
-            np.testing.assert_allclose(result[split][k], v, rtol=TRAIN_TOL["float64"])
+            np.testing.assert_allclose(result[split][k], v, rtol=tol)
 
 
 @pytest.mark.slow
@@ -346,12 +376,16 @@ def test_cli_devices_splits_batches_and_checks_divisibility(one_device_run):
 
 
 @pytest.mark.slow
-def test_cli_two_processes_train_like_one(one_device_run):
+def test_cli_two_processes_train_like_one():
+    """In float32, the default: issue 11's crash at the end (and --json printing nothing)
+    came with float32; each process now holds only its half of the training set."""
     port = _free_port()
     flags = ["--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    runs = _cli_results([_cli(*XOR, *flags, "--process-id", i) for i in range(2)])
+    runs = _cli_results([_cli(*XOR32, *flags, "--process-id", i) for i in range(2)])
+    reference = _one_device_run(XOR32)
     for rc, out, err in runs:
         assert rc == 0, err[-3000:]
         result = json.loads(out)  # stdout is the JSON alone: gloo's connection lines go to stderr
         assert result["devices"] == 4 and result["processes"] == 2
-        _assert_same_run(result, one_device_run)
+        assert result["settings"]["dtype"] == "float32"
+        _assert_same_run(result, reference, "float32")

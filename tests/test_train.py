@@ -462,56 +462,6 @@ def test_plain_sgd_refuses_a_momentum_state():
         heavy.update(params, plain.init(params))
 
 
-# -- data parallelism in subprocesses (see tests/parallel_worker.py) -------------------
-
-
-@pytest.mark.slow
-def test_dp_sgd_over_a_mesh_of_four_is_the_one_device_run(tmp_path):
-    """Poisson-sampled and shuffled DP-SGD over 4 CPU devices: the one-device runs, to the
-    summation order's rounding. Float64, 2 epochs of 4 steps with momentum 0.9: as for the
-    sharded training of tests/test_parallel.py, 1e-12 of each leaf's largest entry; a lost
-    or doubled example, wrong padding or noise per device are off by O(1e-2) or more."""
-    from test_parallel import TIMEOUT_S, _finish, _start
-
-    _finish([_start("train", tmp_path, devices=4)], TIMEOUT_S)
-    with np.load(tmp_path / "train.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    for name in ("poisson", "shuffle"):
-        keys = [k for k in arrays if k.startswith(f"{name}|mesh|")]
-        assert len(keys) == 5  # 4 leaves and the losses
-        for k in keys:
-            single = arrays[k.replace("|mesh|", "|single|")]
-            np.testing.assert_allclose(arrays[k], single, rtol=0,
-                                       atol=1e-12 * np.max(np.abs(single)), err_msg=k)
-
-
-@pytest.mark.slow
-def test_two_processes_each_holding_half_the_data_train_like_one(tmp_path):
-    """Each of two processes holds its half of the 72 examples (measured: host and device
-    bytes); together they take the one-process steps. Float32, 3 epochs of 4 steps with
-    momentum 0.9: 2e-5 of each leaf's largest entry, as tests/test_parallel.py's float32
-    training tolerance (the sums' order differs, ~16 ulps per step, carried by momentum)."""
-    from parallel_worker import train_single
-    from test_parallel import TIMEOUT_S, _finish, _free_port, _start
-
-    port = _free_port()
-    _finish([_start("sharded", tmp_path, port, i) for i in range(2)], TIMEOUT_S)
-    results = []
-    for i in range(2):
-        with np.load(tmp_path / f"sharded{i}.npz") as f:
-            results.append({k: f[k] for k in f.files})
-    leaves, losses = train_single("float32")
-    whole = 72 * (5 * 4 + 4)  # x float32 (72, 5) and y int32 (72,)
-    assert [r["rows"].tolist() for r in results] == [[0, 36], [36, 72]]
-    for r in results:
-        assert r["processes"] == 2
-        assert r["host_bytes"] == whole // 2 and r["device_bytes"] == whole // 2
-        for i, expected in enumerate(leaves):
-            np.testing.assert_allclose(r[f"arr_{i}"], expected, rtol=0,
-                                       atol=2e-5 * np.max(np.abs(expected)))
-        np.testing.assert_allclose(r["losses"], losses, rtol=2e-5)
-
-
 def test_assert_trees_close_checks_dtypes():
     from conftest import assert_trees_close
 
