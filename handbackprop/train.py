@@ -9,7 +9,12 @@
 - :func:`evaluate` gives the loss and the task's metric; :func:`fit` runs the epochs, keeps a
   per-epoch history and checks its inputs before any computation.
 
-Every gradient is :func:`handbackprop.value_and_backprop`'s, the hand-written delta recursion.
+- With a mesh, the training set stays sharded by rows (:func:`process_rows`,
+  :func:`shard_data`): each process holds only its rows, and each step gathers its batch
+  from the devices that hold it.
+
+Every step is three pieces: sampling, the gradient (the hand-written delta recursion's batch
+sums, :func:`handbackprop.parallel.sharded_sums`, then their mean) and the optimiser's update.
 """
 
 import dataclasses
@@ -24,11 +29,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from handbackprop import parallel
-from handbackprop.backprop import l2_penalty, loss, value_and_backprop
+from handbackprop.backprop import divisor, finish, finish_loss, loss
 from handbackprop.checks import check_int, check_scalar
 from handbackprop.dp import DPSGD, noisy_mean, poisson_batch
-from handbackprop.mlp import MLP, check_x, check_y, forward, forward_cache, init_params
-from handbackprop.per_example import clipped_grad
+from handbackprop.mlp import MLP, check_x, check_y, forward, init_params
 
 
 class Optimizer(NamedTuple):
@@ -341,7 +345,9 @@ def _epoch(net: MLP, optimizer, batch_size, state, x, y, mesh, dp, n):
 
     def step(carry, inputs):
         (params, opt_state), (sample, noise_key) = carry, inputs
-        idx, mask = _sample(sample, n, batch_size, devices) if poisson else (sample, None)
+        # Sampling: the next B of the shuffle, or a Poisson batch padded to a multiple of the
+        # devices (the padding masked out).
+        idx, mask = poisson_batch(sample, n, batch_size, devices) if poisson else (sample, None)
         xb, yb = _rows(x, idx, mesh), _rows(y, idx, mesh)
         value, grads = _gradient(net, params, xb, yb, mask, noise_key, batch_size, mesh, dp)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -350,14 +356,6 @@ def _epoch(net: MLP, optimizer, batch_size, state, x, y, mesh, dp, n):
     (params, opt_state), losses = jax.lax.scan(
         step, (state.params, state.opt_state), (samples, noise_keys))
     return TrainState(params, opt_state, key), losses
-
-
-def _sample(key, n, batch_size, devices):
-    """A Poisson batch (:func:`handbackprop.dp.poisson_batch`), its padding extended to a
-    multiple of the devices so that it splits over a mesh; the extra padding is masked out."""
-    idx, mask = poisson_batch(key, n, batch_size)
-    pad = -idx.shape[0] % devices
-    return jnp.pad(idx, (0, pad)), jnp.pad(mask, (0, pad))
 
 
 def _rows(a, idx, mesh):
@@ -382,32 +380,20 @@ def _rows(a, idx, mesh):
 
 
 def _gradient(net: MLP, params, x, y, mask, key, batch_size, mesh, dp):
-    """A step's loss and gradient: the one place the training step chooses its gradient.
+    """A step's loss and gradient: the one place where the training step makes them.
 
-    Plain: the delta recursion's ``value_and_backprop``. DP-SGD: the clipped sum (only the
-    examples where ``mask``, for a padded Poisson batch), then :func:`noisy_mean` over B.
-    With a mesh, each sum is split over its devices.
+    The batch's sums (clipped with ``dp``, only the examples where ``mask`` in a padded
+    Poisson batch, split over ``mesh`` if any: :func:`handbackprop.parallel.sharded_sums`),
+    then the gradient from them: the reduction's mean, or DP-SGD's noisy mean over B.
     """
+    sums = parallel.sharded_sums(net, params, x, y, mesh, None if dp is None else dp.clip_norm,
+                                 mask)
+    count = x.shape[0] if mask is None else jnp.maximum(jnp.sum(mask), 1)
+    value = finish_loss(net, params, sums.loss, divisor(net, count))
     if dp is None:
-        return (value_and_backprop(net, params, x, y) if mesh is None else
-                parallel.sharded_value_and_backprop(net, params, x, y, mesh))
-    # The loss is reported only; XLA shares its forward pass with the gradient's where it can.
-    value = loss(net, params, x, y) if mask is None else _masked_loss(net, params, x, y, mask)
-    clipped = (clipped_grad(net, params, x, y, dp.clip_norm, weights=mask) if mesh is None else
-               parallel.sharded_clipped_grad(net, params, x, y, dp.clip_norm, mesh, weights=mask))
-    return value, noisy_mean(net, params, clipped.sum, batch_size, key, dp.clip_norm,
+        return value, finish(net, params, sums.grads, divisor(net, x.shape[0]))
+    return value, noisy_mean(net, params, sums.grads, batch_size, key, dp.clip_norm,
                              dp.noise_multiplier)
-
-
-def _masked_loss(net: MLP, params, x, y, mask):
-    """The loss of the examples where ``mask`` (bool) is True in a padded batch: their mean
-    (or sum, as ``net.reduction``) plus the L2 term."""
-    cache = forward_cache(net, params, x)
-    e = net.loss_fn.value(cache.ss[-1], cache.xs[-1], check_y(net, cache.xs[0], y))
-    total = jnp.sum(jnp.where(mask, e, 0))
-    if net.reduction == "mean":
-        total = total / jnp.maximum(jnp.sum(mask), 1)
-    return total + l2_penalty(net, params)
 
 
 def _check_epoch(net, optimizer, batch_size, state, x, y, mesh):
@@ -498,9 +484,9 @@ def metric_name(net: MLP) -> str:
     return "r2" if net.loss == "squared_error" else "accuracy"
 
 
-@functools.partial(jax.jit, static_argnames="net")
 def evaluate(net: MLP, params, x, y) -> dict:
-    """The loss and the task's metrics on a data set. Compiled inside (``net`` static).
+    """The loss and the task's metrics on a data set. Compiled inside (``net`` static);
+    concrete labels are checked first (see :func:`handbackprop.mlp.check_y`).
 
     Args:
       net: the network.
@@ -514,6 +500,14 @@ def evaluate(net: MLP, params, x, y) -> dict:
       ``r2_score``: 1 - SS_res / SS_tot per output, averaged; ``mse`` over every entry).
       Each a scalar of the parameters' dtype.
     """
+    _check_net(net)
+    check_y(net, check_x(net, params, x), y)
+    return _evaluate(net, params, x, y)
+
+
+@functools.partial(jax.jit, static_argnames="net")
+def _evaluate(net: MLP, params, x, y) -> dict:
+    """:func:`evaluate` after its checks."""
     out = {"loss": loss(net, params, x, y)}
     o = forward(net, params, x)
     if net.loss == "softmax_cross_entropy":
@@ -670,7 +664,7 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
         state, losses = _epoch(net, optimizer, batch_size, state, x, y, mesh, dp, n)
         record = {"epoch": epoch, "train_loss": float(jnp.mean(losses))}
         if test_data is not None:
-            metrics = evaluate(net, state.params, *test_data)
+            metrics = _evaluate(net, state.params, *test_data)  # checked above
             record.update({f"test_{k}": float(v) for k, v in metrics.items()})
         for k, v in record.items():
             history.setdefault(k, []).append(v)
