@@ -60,9 +60,8 @@ def measure(devices: int, quick: bool) -> dict:
     y = jax.random.randint(ky, (batch * steps,), 0, 10)
     state = hbp.init_state(ks, net, opt)
     state, x, y = hbp.parallel.replicate((state, x, y), mesh)
-    epoch = jax.jit(hbp.train_epoch, static_argnums=(0, 1, 2, 6))
-    timing = common.timeit(lambda s, x, y: epoch(net, opt, batch, s, x, y, mesh), state, x, y,
-                           repeats=repeats)
+    timing = common.timeit(lambda s, x, y: hbp.train_epoch(net, opt, batch, s, x, y, mesh),
+                           state, x, y, repeats=repeats)  # compiled inside train_epoch
     return {"devices": devices, "width": width, "batch": batch, "steps": steps,
             "steps_per_s": steps / timing["median_s"],
             "examples_per_s": steps * batch / timing["median_s"],

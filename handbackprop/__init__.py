@@ -47,12 +47,15 @@ from handbackprop.rules import verify_rule
 from handbackprop.rules import verify_vjp
 from handbackprop.train import Optimizer
 from handbackprop.train import SGDState
+from handbackprop.train import ShardedData
 from handbackprop.train import TrainState
 from handbackprop.train import apply_updates
 from handbackprop.train import evaluate
 from handbackprop.train import fit
 from handbackprop.train import init_state
+from handbackprop.train import process_rows
 from handbackprop.train import sgd
+from handbackprop.train import shard_data
 from handbackprop.train import train_epoch
 from handbackprop.verify import GradientReport
 from handbackprop.verify import check_backprop
@@ -71,6 +74,7 @@ __all__ = (
     "MLP",
     "Optimizer",
     "SGDState",
+    "ShardedData",
     "TrainState",
     "activations",
     "apply_updates",
@@ -100,7 +104,9 @@ __all__ = (
     "parallel",
     "per_example_grad_norms",
     "per_example_grads",
+    "process_rows",
     "sgd",
+    "shard_data",
     "sharded_backprop",
     "sharded_clipped_grad",
     "sharded_dp_grad",

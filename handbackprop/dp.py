@@ -52,15 +52,13 @@ class DPSGD(NamedTuple):
     poisson: bool = False
 
     def check(self, mesh=None):
-        """Raise a clear error for an out-of-range setting, or for Poisson sampling with a
-        data-parallel ``mesh`` (not implemented); return ``self``."""
+        """Raise a clear error for an out-of-range setting; return ``self``. (``mesh`` is
+        accepted for older callers: every setting works with a data-parallel mesh.)"""
+        del mesh
         check_scalar("clip_norm", self.clip_norm)
         check_scalar("noise_multiplier", self.noise_multiplier, strict=False)
         if not isinstance(self.poisson, bool):
             raise TypeError(f"poisson: expected a bool, got {self.poisson!r}")
-        if self.poisson and mesh is not None:
-            raise ValueError("dp: Poisson sampling (poisson=True) is not implemented with a "
-                             "mesh; use shuffled batches (poisson=False) or one device")
         return self
 
 

@@ -128,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-sampling", choices=["shuffle", "poisson"],
                    help="DP-SGD: how each step's batch is drawn: the next B examples of a shuffle, "
                    "or Poisson sampling (each example with probability B / n), the sampling the "
-                   "reported epsilon accounts for; one device only (default shuffle)")
+                   "reported epsilon accounts for (default shuffle)")
     p.add_argument("--dp-delta", type=_positive(float), default=1e-5,
                    help="DP-SGD: report the epsilon spent for this delta, with the optional "
                    "dp-accounting package (default 1e-5)")
@@ -373,6 +373,7 @@ def _native_stdout_to_stderr(active: bool):
 def _run(args, settings, header, json_out) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from tqdm import tqdm
 
     from handbackprop import checkpoint, data, parallel, train
@@ -400,9 +401,6 @@ def _run(args, settings, header, json_out) -> int:
         raise ValueError("--dp-sampling: DP-SGD needs --dp-clip and --dp-noise too")
     dp = None if s["dp_clip"] is None else DPSGD(
         s["dp_clip"], s["dp_noise"], s["dp_sampling"] == "poisson").check()
-    if dp is not None and dp.poisson and mesh is not None:
-        raise ValueError("--dp-sampling: poisson is not implemented across several devices or "
-                         "processes; use --dp-sampling shuffle")
     ds = data.load(s["dataset"], task=s["task"])
     if s["task"] is None and pathlib.Path(s["dataset"]).suffix in (".npz", ".csv"):
         kind = f"classification, {len(ds.classes)} classes" if ds.classes else "regression"
@@ -411,10 +409,15 @@ def _run(args, settings, header, json_out) -> int:
     sizes = s["sizes"] or [ds.num_features, *HIDDEN, ds.num_outputs(loss)]
     net = MLP(tuple(sizes), activation=s["activation"], loss=loss, l2=s["l2"])
     s = {**s, "sizes": list(net.sizes), "loss": loss}  # saved resolved, so a resume compares them
+    n = len(ds.x_train)
+    if mesh is not None:  # each process keeps only its rows of the training set
+        rows = train.process_rows(n, mesh)
+        ds = ds._replace(x_train=ds.x_train[rows].copy(), y_train=ds.y_train[rows].copy())
     train_data = train.check_data(net, ds.x_train, ds.y_train, "train_data")
     test_data = train.check_data(net, ds.x_test, ds.y_test, "test_data")
-    if not s["batch_size"] <= len(ds.x_train):
-        raise ValueError(f"--batch-size: expected at most the {len(ds.x_train)} training "
+    del ds
+    if not s["batch_size"] <= n:
+        raise ValueError(f"--batch-size: expected at most the {n} training "
                          f"examples of {s['dataset']}, got {s['batch_size']}")
     if mesh is not None and s["batch_size"] % mesh.size:
         raise ValueError(f"--batch-size: {s['batch_size']} is not divisible by the {mesh.size} "
@@ -430,9 +433,15 @@ def _run(args, settings, header, json_out) -> int:
             jax.random.key(s["seed"]), net, optimizer, dtype)
         done, history = 0, {}
     dtype = jax.tree.leaves(state.params)[0].dtype
-    batch = slice(0, s["batch_size"])
-    rel, tol = _gradient_check(net, state.params, jnp.asarray(train_data[0][batch], dtype),
-                               jnp.asarray(train_data[1][batch]))
+    if mesh is not None:  # laid out over the mesh from every process's rows
+        train_data = train.shard_data(net, train_data, mesh, dtype)
+        check_rows = (np.asarray(train_data.x.addressable_data(0)),
+                      np.asarray(train_data.y.addressable_data(0)))
+    else:
+        check_rows = train_data
+    batch = slice(0, min(s["batch_size"], len(check_rows[0])))
+    rel, tol = _gradient_check(net, state.params, jnp.asarray(check_rows[0][batch], dtype),
+                               jnp.asarray(check_rows[1][batch]))
     verdict = "ok" if rel <= tol else "FAILED"
     print(f"gradient check, one batch of {s['batch_size']}: hand backprop vs jax.grad, max relative "
           f"difference {rel:.1e} (tolerance {tol:.1e}): {verdict}", file=out)
@@ -462,15 +471,18 @@ def _run(args, settings, header, json_out) -> int:
     bar.close()
     if args.save and done == args.epochs:  # nothing left to run: still write the checkpoint
         checkpoint.save(args.save, net, state, done, {"settings": s, "history": history})
+    if mesh is not None:  # the real rows of the sharded set; the test set next to the
+        # replicated parameters, cast on the host so that every process passes the same bytes
+        train_data = (train_data.x[:n], train_data.y[:n])
+        test_data = parallel.replicate(train._as_host(*test_data, dtype), mesh)
+    # Jitted here: the labels traced, as a multi-process array's cannot be read on one host.
     evaluate = jax.jit(train.evaluate, static_argnums=0)
-    if mesh is not None:  # next to the replicated parameters, in every process
-        train_data, test_data = parallel.replicate((train_data, test_data), mesh)
     results = {split: {k: float(v) for k, v in evaluate(net, state.params, *d).items()}
                for split, d in (("train", train_data), ("test", test_data))}
     for split, m in results.items():
         print(f"{split:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=out)
     if dp is not None:
-        results["privacy"] = _privacy(dp, s["batch_size"], len(train_data[0]), args.epochs,
+        results["privacy"] = _privacy(dp, s["batch_size"], n, args.epochs,
                                       args.dp_delta, out)
     plot_error = None
     if args.plot:

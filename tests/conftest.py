@@ -7,6 +7,7 @@ process keeps one CPU device (multi-device tests run in subprocesses).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -51,7 +52,19 @@ def assert_trees_close(actual, expected, rtol, atol, what=""):
         jax.tree.leaves(expected),
     ):
         assert np.shape(a) == np.shape(e), (what, path[0], np.shape(a), np.shape(e))
+        if isinstance(e, jax.Array):
+            assert jnp.result_type(a) == e.dtype, (what, path[0], jnp.result_type(a), e.dtype)
         np.testing.assert_allclose(
             np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
             err_msg=f"{what} at {jax.tree_util.keystr(path[0])}",
         )
+
+
+@pytest.fixture
+def fresh_jit_caches():
+    """For tests that monkeypatch a library function that jitted code calls: every compiled
+    program is dropped before (so the patch is traced, not a cached program that predates it)
+    and after (so no program traced with the patch serves a later test)."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()

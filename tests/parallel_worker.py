@@ -7,7 +7,8 @@
 (JAX starts once) and writes ``OUT/checks.npz`` (arrays, ``case|sharded|i`` and
 ``case|single|i``) and ``OUT/checks.json`` (device counts, shardings, error messages).
 ``process`` joins a two-process ``jax.distributed`` run and trains :func:`problem` on all four
-devices; each process writes ``OUT/process<i>.npz``. The test compares them with
+devices, first from the whole set, then each holding only its half of it (float32); each
+process writes ``OUT/process<i>.npz`` and ``OUT/sharded<i>.npz``. The test compares them with
 :func:`train_single`, run in its own one-device process.
 """
 
@@ -139,6 +140,12 @@ def checks(out):
         record(f"train/{dtype}", (jax.tree.leaves(state.params), history["train_loss"]),
                (single, losses))
         meta[f"train/{dtype}/devices"] = len(jax.tree.leaves(state.params)[0].sharding.device_set)
+    # Poisson-sampled DP-SGD over the mesh, against the same run on one device: its padded
+    # batch of poisson_capacity(72, 16) = 39 slots goes to 40 for the 4 devices, masked out.
+    net, opt, data = problem()
+    runs = [hbp.fit(net, opt, data, epochs=2, batch_size=16, key=jax.random.key(0),
+                    dtype=np.float64, mesh=m, dp=(1.0, 0.5, True)) for m in (mesh4, None)]
+    record("train_poisson/float64", *[(jax.tree.leaves(s.params), h["train_loss"]) for s, h in runs])
 
     net, opt, (x, y) = problem()
     params = hbp.init_params(jax.random.key(0), net, jnp.float64)
@@ -177,6 +184,20 @@ def process(out, port, process_id):
     np.savez(out / f"process{process_id}.npz", *leaves, losses=np.array(history["train_loss"]),
              devices=np.array([jax.device_count(), jax.local_device_count(), jax.process_count(),
                                len(mesh.devices.flat)]))
+    # Each process holding only its half of the data, in float32 (the default dtype).
+    net, opt, (x, y) = problem("float32")
+    rows = hbp.process_rows(len(x), mesh)
+    local = (x[rows].copy(), y[rows].copy())  # as if loaded alone: the rest is dropped
+    del x, y
+    sharded = hbp.shard_data(net, local, mesh)
+    state, history = hbp.fit(net, opt, sharded, epochs=3, batch_size=16, key=jax.random.key(0),
+                             mesh=mesh)
+    leaves = [np.asarray(a.addressable_data(0)) for a in jax.tree.leaves(state.params)]
+    resident = sum(s.data.nbytes for a in (sharded.x, sharded.y) for s in a.addressable_shards)
+    np.savez(out / f"sharded{process_id}.npz", *leaves, losses=np.array(history["train_loss"]),
+             rows=np.array([rows.start, rows.stop]),
+             host_bytes=np.array([local[0].nbytes + local[1].nbytes]),
+             device_bytes=np.array([resident]))
     jax.distributed.shutdown()
 
 
@@ -187,5 +208,6 @@ if __name__ == "__main__":
         checks(out)
     elif mode == "process":
         process(out, int(sys.argv[3]), int(sys.argv[4]))
+
     else:
         sys.exit(f"unknown mode {mode!r}")

@@ -48,7 +48,7 @@ _LEFT = {
 _RECORDS = {"Activation", "Cache", "ClippedGrad", "GradientReport", "GradientStats", "Loss",
             "Optimizer", "SGDState", "TrainState", "activations.Activation", "checkpoint.Checkpoint",
             "checkpoint.CheckpointError", "data.Dataset", "dp.DPSGD", "losses.Loss",
-            "train.Optimizer", "train.SGDState", "train.TrainState"}
+            "train.Optimizer", "train.SGDState", "train.TrainState", "ShardedData", "train.ShardedData"}
 
 NET = hbp.MLP((3, 4, 2), activation="tanh")
 SOFTMAX = hbp.MLP((3, 4, 3), activation="tanh", loss="softmax_cross_entropy")
@@ -194,6 +194,10 @@ ROWS = [
     ("data_parallel_mesh: 0 devices", lambda: hbp.data_parallel_mesh(0), _raises(ValueError, r"^num_devices: ")),
     ("data_parallel_mesh: more devices than there are", lambda: hbp.data_parallel_mesh(64), _raises(ValueError, r"^num_devices: ")),
     ("parallel.initialize: devices 0", lambda: parallel.initialize(0), _raises(E, r"^devices: ")),
+    ("process_rows: n 0", lambda: hbp.process_rows(0, MESH), _raises(ValueError, r"^n: ")),
+    ("process_rows: not a mesh", lambda: hbp.process_rows(4, "mesh"), _raises(E, r"mesh")),
+    ("shard_data: x alone", lambda: hbp.shard_data(NET, NP_X, MESH), _raises(TypeError, r"^train_data: expected a pair")),
+    ("shard_data: label 7", lambda: hbp.shard_data(SOFTMAX, (NP_X, np.array([7, 0, 1, 2])), MESH), _raises(ValueError, r"^train_data: y: ")),
     ("parallel.check_batch: not a mesh", lambda: parallel.check_batch("x", 4, "mesh"), _raises(E, r"mesh")),
     ("parallel.replicate: not a mesh", lambda: parallel.replicate(P, "mesh"), _raises(E, r"mesh")),
     ("parallel.shard_batch: not a mesh", lambda: parallel.shard_batch(X, "mesh"), _raises(E, r"mesh")),

@@ -48,6 +48,7 @@ def results(tmp_path_factory):
     return folder, {o["name"]: o for o in index["outcomes"]}
 
 
+@pytest.mark.slow
 def test_every_benchmark_ran_or_was_rightly_skipped(results):
     folder, outcomes = results
     assert set(outcomes) == set(runner.BENCHMARKS)
@@ -66,6 +67,7 @@ def test_every_benchmark_ran_or_was_rightly_skipped(results):
         assert outcomes[name]["status"] == "ok", outcomes[name]  # no optional package needed
 
 
+@pytest.mark.slow
 def test_json_is_well_formed(results):
     folder, outcomes = results
     for name in (n for n, o in outcomes.items() if o["status"] == "ok"):
@@ -98,6 +100,7 @@ def _payload(results, name):
     return json.loads((folder / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_training_figures(results):
     payload = _payload(results, "training")
     libraries = [r["library"] for r in payload["rows"]]
@@ -115,6 +118,7 @@ def test_training_figures(results):
         summary["handbackprop_gflops"] / summary["numpy_one_thread_gflops"])
 
 
+@pytest.mark.slow
 def test_per_example_figures(results):
     payload = _payload(results, "per_example")
     libc, version = platform.libc_ver()
@@ -135,6 +139,7 @@ def test_per_example_figures(results):
     assert ("w64_huge_pages_outer_vs_vmap_grad_time" in summary) == huge
 
 
+@pytest.mark.slow
 def test_accuracy_figures(results):
     payload = _payload(results, "accuracy")
     from benchmarks.accuracy import SETS
@@ -154,6 +159,7 @@ def test_accuracy_figures(results):
         assert {f"{d}_handbackprop_mean", f"{d}_scikit_learn_mean"} <= set(summary)
 
 
+@pytest.mark.slow
 def test_verifier_figures(results):
     payload = _payload(results, "verifier")
     assert set(payload["tables"]) == {"cost", "accuracy", "detection", "check_grads_float32"}
@@ -167,6 +173,7 @@ def test_verifier_figures(results):
     assert {"planted_right_leaf_fraction", "directions_ratio", "fd_error_float32_cbrt"} <= set(payload["summary"])
 
 
+@pytest.mark.slow
 def test_scaling_figures(results):
     payload = _payload(results, "scaling")
     # --quick: 1 and 2 devices, measured in one subprocess (on a CPU, started with 2 devices).
@@ -177,6 +184,7 @@ def test_scaling_figures(results):
     assert payload["note"] and ("speedup_2_devices" in payload["summary"]) == (2 in measured)
 
 
+@pytest.mark.slow
 def test_complexity_figures(results):
     folder, _ = results
     payload = json.loads((folder / "complexity.json").read_text())
@@ -193,6 +201,7 @@ def test_complexity_figures(results):
     assert payload["fit_rule"] and payload["repeats_note"] and "| n weights |" in payload["table"]
 
 
+@pytest.mark.slow
 def test_summary_and_plots(results):
     folder, outcomes = results
     summary = (folder / "summary.md").read_text()
@@ -208,6 +217,7 @@ def test_summary_and_plots(results):
             assert data.startswith(PNG) and len(data) > 1000, png
 
 
+@pytest.mark.slow
 def test_readme_block(results, tmp_path):
     folder, _ = results
     device = json.loads((folder / "complexity.json").read_text())["environment"]["device_kind"]

@@ -77,7 +77,7 @@ def test_resume_is_bit_identical_and_plot(capsys, tmp_path):
     (["--dataset", "mnist"], "unknown data set 'mnist'; valid names are ['breast_cancer', "),
     (["--dataset", "xor", "--batch-size", "321"], "--batch-size: expected at most the 320"),
     (["--dataset", "digits", "--loss", "binary_cross_entropy"],
-     "binary_cross_entropy with 10 outputs expects 0/1 targets of shape (1438, 10)"),
+     "binary_cross_entropy expects floating targets of shape (1438, 10)"),
     (["--dataset", "diabetes", "--loss", "softmax_cross_entropy"], "softmax_cross_entropy"),
     (["--dataset", "xor", "--sizes", "3,4,1"], "x: expected floating inputs of shape (n, 3)"),
     (["--dataset", "xor", "--momentum", "1.5"], "momentum: expected a number in [0, 1)"),

@@ -252,7 +252,7 @@ def test_check_backprop_blames_a_wrong_derivative():
     assert "layer 2: g' of layer 2" in str(report)
 
 
-def test_check_backprop_blames_the_recursion(monkeypatch):
+def test_check_backprop_blames_the_recursion(monkeypatch, fresh_jit_caches):
     right = backprop_module.delta_recursion
 
     def no_transpose(net, params, cache, y, scale=1.0):  # W where the note has W^T, layer 3 -> 2
@@ -271,7 +271,7 @@ def test_check_backprop_blames_the_recursion(monkeypatch):
         "layer 1 w", "layer 1 b", "layer 2 w", "layer 2 b"}
 
 
-def test_check_backprop_blames_the_gradient_step(monkeypatch):
+def test_check_backprop_blames_the_gradient_step(monkeypatch, fresh_jit_caches):
     right = backprop_module.value_and_backprop
 
     def unsummed_bias(net, params, x, y):
@@ -349,7 +349,7 @@ def test_hessian_vector_products_match(acts, loss, dtype):
 # -- the command -----------------------------------------------------------------------------
 
 
-def test_cli_verify_prints_and_exits(capsys, monkeypatch):
+def test_cli_verify_prints_and_exits(capsys, monkeypatch, fresh_jit_caches):
     from handbackprop.cli import main
 
     args = ["verify", "--sizes", "3,4,2", "--activation", "relu", "--loss", "softmax_cross_entropy",
