@@ -65,3 +65,14 @@ def check_key(key):
             f"key: expected one jax.random key such as jax.random.key(0), "
             f"got shape {shape} dtype {dtype}"
         )
+
+
+def check_like(name: str, tree, like):
+    """Raise unless ``tree`` has the structure and leaf shapes of ``like`` (the parameters)."""
+    want, got = jax.tree.structure(like), jax.tree.structure(tree)
+    if want != got:
+        raise ValueError(f"{name}: expected a pytree like params, {want}, got {got}")
+    shapes = [(np.shape(t), np.shape(p)) for t, p in zip(jax.tree.leaves(tree), jax.tree.leaves(like))]
+    if any(s != w for s, w in shapes):
+        raise ValueError(f"{name}: expected leaf shapes {[w for _, w in shapes]}, "
+                         f"got {[s for s, _ in shapes]}")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from handbackprop.backprop import finish
-from handbackprop.checks import check_int, check_key, check_scalar
+from handbackprop.checks import check_int, check_key, check_like, check_scalar
 from handbackprop.mlp import MLP, check_params
 from handbackprop.per_example import clipped_sums
 
@@ -197,10 +197,7 @@ def noisy_mean(net: MLP, params, clipped_sum, batch: int, key, clip_norm, noise_
         ``noise_multiplier`` or ``params``, before any computation.
     """
     check_params(net, params)
-    want, got = jax.tree.map(np.shape, params), jax.tree.map(np.shape, clipped_sum)
-    if got != want:
-        raise ValueError(f"clipped_sum: expected a tree like params with shapes {want}, "
-                         f"got {got}")
+    check_like("clipped_sum", clipped_sum, params)
     check_int("batch", batch, 1)
     check_key(key)
     check_scalar("clip_norm", clip_norm)

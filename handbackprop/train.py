@@ -30,9 +30,9 @@ from jax.sharding import PartitionSpec as P
 
 from handbackprop import parallel
 from handbackprop.backprop import divisor, finish, finish_loss, loss
-from handbackprop.checks import check_int, check_scalar
+from handbackprop.checks import check_int, check_key, check_like, check_scalar
 from handbackprop.dp import DPSGD, noisy_mean, poisson_batch
-from handbackprop.mlp import MLP, check_x, check_y, forward, init_params
+from handbackprop.mlp import MLP, check_net, check_x, check_y, forward, init_params
 
 
 class Optimizer(NamedTuple):
@@ -148,6 +148,7 @@ class _SGDUpdate:
 
 def apply_updates(params, updates):
     """``params + updates`` leaf by leaf (as ``optax.apply_updates``)."""
+    check_like("updates", updates, params)
     return jax.tree.map(lambda p, u: p + u, params, updates)
 
 
@@ -174,6 +175,8 @@ def init_state(key, net: MLP, optimizer, dtype=jnp.float32) -> TrainState:
       optimizer: an :class:`Optimizer` or optax ``GradientTransformation``.
       dtype: the parameters' floating dtype.
     """
+    check_key(key)
+    check_net(net)
     init_key, shuffle_key = jax.random.split(key)
     params = init_params(init_key, net, dtype)
     return TrainState(params, optimizer.init(params), shuffle_key)
@@ -481,6 +484,7 @@ def _pair(name, data):
 
 def metric_name(net: MLP) -> str:
     """The task's headline metric: ``"accuracy"`` for cross-entropies, ``"r2"`` otherwise."""
+    check_net(net)
     return "r2" if net.loss == "squared_error" else "accuracy"
 
 

@@ -21,7 +21,7 @@ from handbackprop import finite_diff as fd
 from handbackprop.backprop import backprop
 from handbackprop.backprop import loss as net_loss
 from handbackprop.error_model import EXHAUSTIVE_MAX  # noqa: F401  (its documented home was here)
-from handbackprop.mlp import MLP
+from handbackprop.mlp import MLP, check_params, check_x, check_y
 from handbackprop.report import GradientReport, LayerReport, LeafReport  # noqa: F401  (public records)
 
 
@@ -105,6 +105,8 @@ def check_backprop(net: MLP, params, x, y, *, key=None, num_directions=8, exhaus
       >>> hbp.check_backprop(net, params, x, y).ok
       True
     """
+    check_params(net, params)
+    check_y(net, check_x(net, params, x), y)  # a bad label is named here, not seen as a NaN loss
     report = verify_gradient(_NetLoss(net), functools.partial(_jit_backprop, net), params, x, y, key=key,
                              num_directions=num_directions, exhaustive=exhaustive, rtol=rtol, atol=atol)
     leaves = tuple(dataclasses.replace(leaf, name=layer_check.layer_name(leaf.name)) for leaf in report.leaves)

@@ -23,25 +23,6 @@ import pytest
 import handbackprop as hbp
 from handbackprop import activations, checkpoint, cli, data, dp, losses, parallel, train
 
-# Rows whose fix lives on another helper's branch; the lead removes this skip after merging.
-_FIXED_ELSEWHERE = {
-    "fit: dp=(1.0,)",
-    "fit: callback=3",
-    "fit: x alone as train_data",
-    "train_epoch: batch_size=8.0",
-    "train_epoch: y shorter than x",
-    "sgd: a momentum state given to plain SGD",
-}
-
-# Rows that still fail, in files this branch does not own: strict xfails, so that the fix
-# shows (as XPASS, a failure) and the row moves out of here.
-_LEFT = {
-    "apply_updates: another structure": "train.py: a raw pytree structure error, not naming updates",
-    "init_state: key 0": "train.py: JAX's 'invalid PRNG key data', not naming key",
-    "train.metric_name: net a tuple": "train.py: AttributeError, not naming net",
-    "check_backprop: label 7 of 3 classes": "verify.py: labels reach jit before check_y sees "
-                                            "them: 'loss_fn: the loss at params is nan'",
-}
 
 # Plain records (NamedTuples, result dataclasses) and exception types: they hold what they
 # are given and compute nothing, so they have no bad input of their own.
@@ -177,9 +158,9 @@ ROWS = [
     ("fit: epochs 0", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y), epochs=0, batch_size=2), _raises(ValueError, r"^epochs: ")),
     ("fit: y shorter than x", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y[:3]), epochs=1, batch_size=2), _raises(ValueError, r"y")),
     ("fit: NaN in y", lambda: hbp.fit(NET, OPT, (NP_X, np.full((4, 2), np.nan)), epochs=1, batch_size=2), _raises(ValueError, r"y")),
-    ("fit: dp=(1.0,)", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y), epochs=1, batch_size=2, dp=(1.0,)), _raises(TypeError, r"^dp: ")),
-    ("fit: callback=3", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y), epochs=1, batch_size=2, callback=3), _raises(TypeError, r"^callback: ")),
-    ("fit: x alone as train_data", lambda: hbp.fit(NET, OPT, NP_X, epochs=1, batch_size=2), _raises(E, r"^train_data: ")),
+    ("fit: dp=(1.0,)", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y), epochs=1, batch_size=2, key=KEY, dp=(1.0,)), _raises(TypeError, r"^dp: ")),
+    ("fit: callback=3", lambda: hbp.fit(NET, OPT, (NP_X, NP_Y), epochs=1, batch_size=2, key=KEY, callback=3), _raises(TypeError, r"^callback: ")),
+    ("fit: x alone as train_data", lambda: hbp.fit(NET, OPT, NP_X, epochs=1, batch_size=2, key=KEY), _raises(E, r"^train_data: ")),
     # -- the verifier --------------------------------------------------------------------------
     ("check_backprop: label 7 of 3 classes", lambda: hbp.check_backprop(SOFTMAX, PS, X, C.at[0].set(7)), _raises(ValueError, r"^y: ")),
     ("check_backprop: num_directions 0", lambda: hbp.check_backprop(NET, P, X, Y, num_directions=0), _raises(ValueError, r"^num_directions: ")),
@@ -295,10 +276,6 @@ def _error_lines(err):
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
 def test_bad_input(row, capsys):
     row_id, call, (kind, what, match) = row
-    if row_id in _FIXED_ELSEWHERE:
-        pytest.skip("fixed on another branch")
-    if row_id in _LEFT:
-        pytest.xfail(_LEFT[row_id])
     if kind == "raises":
         with pytest.raises(what) as e:
             call()
@@ -356,8 +333,7 @@ def test_a_real_subprocess_gives_one_line_and_exit_2(tmp_path):
 def test_counts():
     """The table's size, as the issue's closing note reports it."""
     kinds = [r[2][0] for r in ROWS]
-    skipped = sum(r in _FIXED_ELSEWHERE for r in ROW_IDS)
     print(f"\nbad inputs tried: {len(ROWS)}; clear errors expected: {kinds.count('raises')}; "
           f"documented NaN: {kinds.count('nan')}; other outcomes: {kinds.count('check')}; "
-          f"command lines: {kinds.count('cli')}; skipped here (fixed elsewhere): {skipped}")
+          f"command lines: {kinds.count('cli')}")
     assert len(ROWS) >= 100
