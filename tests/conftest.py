@@ -42,9 +42,10 @@ def make_problem(net, batch, seed=0, dtype=jnp.float64):
     return params, x, y
 
 
-def assert_trees_close(actual, expected, rtol, atol, what=""):
-    """Leaf by leaf ``|a - e| <= atol + rtol |e|``, with matching structure, shapes and dtypes
-    of ``actual`` against ``expected`` where ``expected`` holds JAX arrays."""
+def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
+    """Leaf by leaf ``|a - e| <= atol + rtol |e|``, with matching structure and shapes, and
+    ``actual``'s dtypes those of ``expected`` where it holds JAX arrays, or ``dtype`` when given
+    (a float32 result against a float64 oracle)."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected), what
     for path, a, e in zip(
         jax.tree_util.tree_flatten_with_path(actual)[0],
@@ -52,8 +53,9 @@ def assert_trees_close(actual, expected, rtol, atol, what=""):
         jax.tree.leaves(expected),
     ):
         assert np.shape(a) == np.shape(e), (what, path[0], np.shape(a), np.shape(e))
-        if isinstance(e, jax.Array):
-            assert jnp.result_type(a) == e.dtype, (what, path[0], jnp.result_type(a), e.dtype)
+        if dtype is not None or isinstance(e, jax.Array):
+            want = e.dtype if dtype is None else jnp.dtype(dtype)
+            assert jnp.result_type(a) == want, (what, path[0], jnp.result_type(a), want)
         np.testing.assert_allclose(
             np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
             err_msg=f"{what} at {jax.tree_util.keystr(path[0])}",

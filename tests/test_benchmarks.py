@@ -162,7 +162,7 @@ def test_accuracy_figures(results):
 @pytest.mark.slow
 def test_verifier_figures(results):
     payload = _payload(results, "verifier")
-    assert set(payload["tables"]) == {"cost", "accuracy", "detection", "check_grads_float32"}
+    assert set(payload["tables"]) == {"cost", "accuracy", "detection", "rules", "check_grads_float32"}
     assert payload["cost"] and all({"sizes", "mode", "evaluations", "ratio", "backprop_timing"}
                                    <= set(r) for r in payload["cost"])
     assert {(r["dtype"], r["step"]) for r in payload["accuracy"]} == {
@@ -170,7 +170,9 @@ def test_verifier_figures(results):
     assert payload["detection"] and all({"dtype", "bug", "flagged", "right_leaf"} <= set(r)
                                         for r in payload["detection"])
     assert set(payload["check_grads_float32"].values()) <= {"pass", "fail"}
-    assert {"planted_right_leaf_fraction", "directions_ratio", "fd_error_float32_cbrt"} <= set(payload["summary"])
+    assert {"planted_right_leaf_fraction", "directions_ratio", "fd_error_float32_cbrt",
+            "rules_handbackprop_bugs_caught", "rules_check_grads_bugs_caught"} <= set(payload["summary"])
+    assert payload["rules"] and all({"handbackprop", "check_grads"} <= set(r) for r in payload["rules"])
 
 
 @pytest.mark.slow

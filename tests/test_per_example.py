@@ -171,7 +171,7 @@ def test_jit_and_dtypes(dtype):
     g = hbp.per_example_grads(net, params64, x64, y)
     norms = hbp.per_example_grad_norms(net, params64, x64, y)
     want = (g, g, norms, clipped, clipped, hbp.gradient_stats(net, params64, x64, y))
-    assert_trees_close(got, want, **(F32 if dtype == jnp.float32 else EXACT64))
+    assert_trees_close(got, want, **(F32 if dtype == jnp.float32 else EXACT64), dtype=dtype)
     counts = (got[3].dropped, got[4].dropped)  # clipped_grad's count of dropped examples
     assert all(c.dtype == jnp.int32 and c == 0 for c in counts)
     floats = [a for a in jax.tree.leaves(got) if all(a is not c for c in counts)]
@@ -246,7 +246,7 @@ def test_a_huge_finite_gradient_is_clipped_not_dropped():
     got = clipped(net, *jax.tree.map(lambda a: a.astype(jnp.float32), (params, x, y)), 1.0)
     assert int(got.dropped) == 0 and float(want.norms[0]) > 1e25
     np.testing.assert_allclose(got.norms, want.norms, rtol=1e-5)
-    assert_trees_close(got.sum, want.sum, **F32)
+    assert_trees_close(got.sum, want.sum, **F32, dtype=jnp.float32)
 
 
 def test_weights_must_lie_in_zero_one():
