@@ -25,6 +25,8 @@ from handbackprop.curvature import ggn_vector_product
 from handbackprop.curvature import hessian_vector_product
 from handbackprop.curvature import kfac_factors
 from handbackprop.curvature import per_example_diag_ggn
+from handbackprop.curvature_check import CurvatureReport
+from handbackprop.curvature_check import check_curvature
 from handbackprop.dp import DPSGD
 from handbackprop.dp import dp_epsilon
 from handbackprop.dp import dp_grad
@@ -68,6 +70,7 @@ __all__ = (
     "Activation",
     "Cache",
     "ClippedGrad",
+    "CurvatureReport",
     "DPSGD",
     "GradientReport",
     "GradientStats",
@@ -81,6 +84,7 @@ __all__ = (
     "apply_updates",
     "backprop",
     "check_backprop",
+    "check_curvature",
     "checkpoint",
     "clipped_grad",
     "curvature",
