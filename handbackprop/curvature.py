@@ -116,9 +116,9 @@ def sampled_factor(net: MLP, s, o, y, key, samples: int):
     if net.loss == "softmax_cross_entropy":
         c = jax.random.categorical(key, s, axis=-1, shape=shape[:-1])
         r = jnp.sum(_onehot(s, y), axis=-1, keepdims=True)
-        cols = jnp.sqrt(r) * (o - jax.nn.one_hot(c, s.shape[-1], dtype=s.dtype))
+        cols = jnp.sqrt(r)[None] * (o[None] - jax.nn.one_hot(c, s.shape[-1], dtype=s.dtype))
     elif net.loss == "binary_cross_entropy":
-        cols = o - jax.random.bernoulli(key, o, shape).astype(s.dtype)
+        cols = o[None] - jax.random.bernoulli(key, jnp.broadcast_to(o, shape)).astype(s.dtype)
     else:
         eps = jax.random.normal(key, shape, s.dtype)  # o - y for y ~ N(o, I)
         cols = jnp.einsum("cbk,sbc->sbk", _output_jacobian_rows(net, s, o), eps)
@@ -138,15 +138,20 @@ def output_residual(net: MLP, s, o, y):
     """
     if _is_canonical(net):
         return None
-    act, r = net.activations[-1], o - y
-    if act.elementwise:
-        return _diagonal_columns(r * act.second_derivative(s, o))
+    if net.activations[-1].elementwise:
+        return _diagonal_columns(_output_residual_diagonal(net, s, o, y))
+    r = o - y
     a = o * (r - jnp.sum(o * r, axis=-1, keepdims=True))
     cols, signs = _diagonal_columns(a)
     half = jnp.sqrt(jnp.asarray(0.5, s.dtype))
     ones = jnp.ones((1,) + s.shape[:1], s.dtype)
     return (jnp.concatenate([cols, half * (o + a)[None], half * (o - a)[None]]),
             jnp.concatenate([signs, -ones, ones]))
+
+
+def _output_residual_diagonal(net: MLP, s, o, y):
+    """Squared error's residual for an elementwise output activation: ``rho = (o - y) g''(S)``."""
+    return (o - y) * net.activations[-1].second_derivative(s, o)
 
 
 def _diagonal_columns(rho):
@@ -431,6 +436,29 @@ def kfac_factors(net: MLP, params, x, y, *, kind="kflr", key=None, samples=1):
     return tuple(out)
 
 
+def _send_diagonal(net: MLP, params, cache, m: int, rho, squares):
+    """Add a diagonal term ``diag(rho)`` of the Hessian in S^(m) (1-based) to every layer below.
+
+    At layer m itself its diagonal is rho. One step down, the column ``sqrt|rho_i| e_i`` becomes
+    ``sqrt|rho_i| W^(m)[:, i] g'(S^(m-1))``, so the signed squares sum in closed form to
+    ``g'(S^(m-1))^2 (rho (W^(m) * W^(m))^T)``: O(B d^2), no columns. Further down the d_m
+    columns are needed, and are sent on by (3.5).
+    """
+    xs, ss = cache
+    squares[m - 1] = squares[m - 1] + rho
+    if m == 1:
+        return
+    w, dg = params[m - 1]["w"], net.activations[m - 2].derivative(ss[m - 2], xs[m - 1])
+    squares[m - 2] = squares[m - 2] + dg * dg * (rho @ (w * w).T)
+    if m == 2:
+        return
+    cols, signs = _diagonal_columns(rho)
+    cols = (cols @ w.T) * dg[None]  # one step of (3.5) for the d_m columns
+    lower = _backward_columns(_truncated(net, m - 1), params[:m - 1], Cache(xs[:m], ss[:m - 1]), cols)
+    for l, d in enumerate(lower[:-1]):  # the top, layer m - 1, is done above
+        squares[l] = squares[l] + _signed_squares(d, signs)
+
+
 def diag_hessian(net: MLP, params, x, y):
     """The exact diagonal of the Hessian of :func:`handbackprop.loss`, by Hessian backpropagation.
 
@@ -438,11 +466,12 @@ def diag_hessian(net: MLP, params, x, y):
 
         d2e/dS^(l-1)2 = g'(S^(l-1)) W d2e/dS^(l)2 W^T g'(S^(l-1)) + diag(g''(S^(l-1)) (delta^(l) W^T))
 
-    Each is kept as signed factor columns: the top one's (the GGN's factor, plus squared
+    Each term is kept as signed factor columns: the top one's (the GGN's factor, plus squared
     error's residual for a non-identity output), sent down by (3.5), and at each hidden layer
-    the residual ``diag(...)`` as d_l columns ``sqrt|rho| e_i`` of sign ``sign(rho)``, sent down
-    from there. ``diag`` for ``W_ij^(l)`` is ``x_i^2 [d2e/dS^(l)2]_jj``; the Hessian is never
-    formed. The columns grow with the widths above: costlier than :func:`diag_ggn`.
+    the residual ``diag(rho)`` as d_l columns ``sqrt|rho_i| e_i`` of sign ``sign(rho_i)``, sent
+    down from there (the first step down in closed form). ``diag`` for ``W_ij^(l)`` is
+    ``x_i^2 [d2e/dS^(l)2]_jj``; the Hessian is never formed. Below two hidden layers the
+    columns grow with the widths above: costlier than :func:`diag_ggn`.
 
     Returns:
       The diagonal, like ``params``, ``l2`` added on the weight entries.
@@ -454,20 +483,17 @@ def diag_hessian(net: MLP, params, x, y):
     cache, y = _prepare(net, params, x, y)
     xs, ss = cache
     s, o = ss[-1], xs[-1]
-    tops = [(output_factor(net, s, o, y), None)]
-    residual = output_residual(net, s, o, y)
-    if residual is not None:
-        tops.append(residual)
-    squares = [0.0] * net.num_layers
-    for cols, signs in tops:
-        for l, d in enumerate(_backward_columns(net, params, cache, cols)):
-            squares[l] = squares[l] + _signed_squares(d, signs)
+    squares = [_signed_squares(d) for d in _backward_columns(net, params, cache, output_factor(net, s, o, y))]
+    if not _is_canonical(net):  # squared error's residual at the top
+        if net.activations[-1].elementwise:
+            _send_diagonal(net, params, cache, net.num_layers, _output_residual_diagonal(net, s, o, y), squares)
+        else:
+            cols, signs = output_residual(net, s, o, y)
+            for l, d in enumerate(_backward_columns(net, params, cache, cols)):
+                squares[l] = squares[l] + _signed_squares(d, signs)
     ds = delta_recursion(net, params, cache, y)  # each example's own delta, unscaled
     for m in range(net.num_layers - 1, 0, -1):  # hidden layer m (1-based): S^(m) = ss[m - 1]
-        # The residual at S^(m): rho = g_m''(S^(m)) (delta^(m+1) W^(m+1)T), sent down from there.
+        # The residual at S^(m): rho = g_m''(S^(m)) (delta^(m+1) W^(m+1)T).
         rho = net.activations[m - 1].second_derivative(ss[m - 1], xs[m]) * (ds[m] @ params[m]["w"].T)
-        cols, signs = _diagonal_columns(rho)
-        lower = _backward_columns(_truncated(net, m), params[:m], Cache(xs[:m + 1], ss[:m]), cols)
-        for l, d in enumerate(lower):
-            squares[l] = squares[l] + _signed_squares(d, signs)
+        _send_diagonal(net, params, cache, m, rho, squares)
     return _add_l2_diagonal(net, _layer_diagonals(net, xs[:-1], squares, _batch_scale(net, cache)))
