@@ -90,7 +90,7 @@ def test_every_quantity_against_autodiff(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _cases(20, 1)[5:], ids=lambda c: f"{c['activation']}-{c['loss']}-{c['output_activation']}")
+@pytest.mark.parametrize("case", _cases(13, 1)[5:], ids=lambda c: f"{c['activation']}-{c['loss']}-{c['output_activation']}")
 def test_every_quantity_against_autodiff_more(case):
     _check_case(case)
 
@@ -104,8 +104,7 @@ def _block_indices(net, params, l):
 
 
 @pytest.mark.parametrize("loss,out_act,bias", [("softmax_cross_entropy", None, True),
-                                               ("squared_error", "tanh", False),
-                                               ("binary_cross_entropy", None, True)])
+                                               ("squared_error", "tanh", False)])
 def test_kflr_at_batch_one_is_the_ggn_block(loss, out_act, bias):
     net = hbp.MLP((3, 4, 3), activation="softplus", output_activation=out_act, loss=loss, bias=bias,
                   reduction="sum")
@@ -130,11 +129,12 @@ def _mc_bound(draws, exact, z=5.0):
             float(jnp.max(err - z * sd / math.sqrt(n))))
 
 
-@pytest.mark.parametrize("loss,out_act", HEADS)
+@pytest.mark.parametrize("loss,out_act", [h if h[1] is None else pytest.param(*h, marks=pytest.mark.slow)
+                                          for h in HEADS])
 def test_monte_carlo_diagonal_and_kfac_are_unbiased(loss, out_act):
     net = hbp.MLP((3, 4, 3), activation="tanh", output_activation=out_act, loss=loss, l2=0.2)
     params, x, y = make_problem(net, 3)
-    keys = jax.random.split(jax.random.key(7), 4000)
+    keys = jax.random.split(jax.random.key(7), 2000)
     mc = jax.jit(jax.vmap(lambda k: hbp.diag_ggn(net, params, x, y, method="mc", key=k)))(keys)
     _mc_bound(mc, hbp.diag_ggn(net, params, x, y))
     kfac = jax.jit(jax.vmap(lambda k: hbp.kfac_factors(net, params, x, y, kind="kfac", key=k)))(keys)
@@ -143,11 +143,11 @@ def test_monte_carlo_diagonal_and_kfac_are_unbiased(loss, out_act):
     # The L2 term is exact in every draw, never sampled: zero-variance draws of the bias-free part.
     np.testing.assert_array_less(0.2 - 1e-12, mc[0]["w"].min())
     # samples=S averages S draws: the same bound with S draws inside one call.
-    many = hbp.diag_ggn(net, params, x, y, method="mc", key=keys[0], samples=4000)
+    many = hbp.diag_ggn(net, params, x, y, method="mc", key=keys[0], samples=2000)
     one_sd = jax.tree.map(lambda d: jnp.std(d, 0, ddof=1), mc)
     for m, e, sd in zip(jax.tree.leaves(many), jax.tree.leaves(hbp.diag_ggn(net, params, x, y)),
                         jax.tree.leaves(one_sd)):
-        assert bool(jnp.all(jnp.abs(m - e) <= 5 * sd / math.sqrt(4000) + 1e3 * EPS * (jnp.abs(e) + 1)))
+        assert bool(jnp.all(jnp.abs(m - e) <= 5 * sd / math.sqrt(2000) + 1e3 * EPS * (jnp.abs(e) + 1)))
 
 
 def test_softmax_probability_rows_scale_h_by_their_sum():
