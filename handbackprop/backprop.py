@@ -1,4 +1,4 @@
-"""The delta recursion: classic backpropagation, written by hand.
+"""The delta recursion: classic backpropagation, written by hand, and the one gradient path.
 
 With ``delta_j^(l) = de/dS_j^(l)`` (the note's 3.3), for a batch of row vectors:
 
@@ -6,12 +6,28 @@ With ``delta_j^(l) = de/dS_j^(l)`` (the note's 3.3), for a batch of row vectors:
     inductive step  (3.5)  delta^(l-1) = (delta^(l) W^(l)T) * g_{l-1}'(S^(l-1))
     gradient        (3.6)  dE/dW^(l)   = x^(l-1)T delta^(l),   dE/db^(l) = sum_b delta_b^(l)
 
-each gradient scaled by the reduction (1/B for a mean), plus ``lambda W`` for L2. No autodiff
-is used: ``jax.grad`` appears only in tests, as an oracle. The recursion is made of
-differentiable jnp operations, so it can itself be differentiated (Hessians, HVPs).
+Every gradient of the library takes one path: per-batch sums first, then one finish.
+
+    sums     :func:`batch_sums` (or ``per_example.clipped_sums``): ``sum_b w_b e_b`` and
+             ``sum_b w_b c_b g_b``, by (3.6) in :func:`gradient_sums` on deltas scaled per
+             example (clipping factors ``c_b``, weights ``w_b``);
+    shard    ``parallel.sharded_sums``: the same sums per device, one ``psum``;
+    finish   :func:`finish`: ``(sum + noise) / batch + l2 W``, in the parameters' dtypes.
+
+One home for each rule: (3.4)-(3.5) in :func:`delta_recursion` and :func:`backward`, (3.6)
+in :func:`gradient_sums`, the mean/sum reduction in :func:`divisor`, the L2 term in
+:func:`l2_penalty` and :func:`add_l2_gradient`, the gradients' dtypes in
+:func:`like_params`; clipping and norms in ``per_example``, the noise in ``dp``, the
+sharding in ``parallel``. No autodiff is used: ``jax.grad`` appears only in tests, as an
+oracle. The recursion is made of differentiable jnp operations, so it can itself be
+differentiated (Hessians, HVPs).
 """
 
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from handbackprop.losses import output_delta
 from handbackprop.mlp import MLP, check_y, forward_cache
@@ -60,6 +76,19 @@ def backward(net: MLP, params, cache, delta):
     return tuple(reversed(ds))
 
 
+def forward_backward(net: MLP, params, x, y):
+    """One forward and one backward pass of a batch: ``(cache, y, deltas)``.
+
+    Returns:
+      ``forward_cache(net, params, x)``, the checked labels, and the per-example deltas
+      ``(delta^(1), ..., delta^(L))``, each (B, d_l): scale 1, so ``delta_b`` is
+      d e_b / d S_b (of example b's own loss, not of the mean).
+    """
+    cache = forward_cache(net, params, x)
+    y = check_y(net, cache.xs[0], y)
+    return cache, y, delta_recursion(net, params, cache, y)
+
+
 def deltas(net: MLP, params, x, y):
     """Per-example deltas ``delta_b^(l) = d e_b / d S_b^(l)``, unreduced and without L2.
 
@@ -72,12 +101,126 @@ def deltas(net: MLP, params, x, y):
     Returns:
       A tuple ``(delta^(1), ..., delta^(L))``, each of shape (B, d_l).
     """
-    cache = forward_cache(net, params, x)
-    return delta_recursion(net, params, cache, check_y(net, cache.xs[0], y))
+    return forward_backward(net, params, x, y)[2]
 
 
-def _reduce(net, per_example):
-    return jnp.mean(per_example) if net.reduction == "mean" else jnp.sum(per_example)
+def gradient_sums(net: MLP, xs, ds):
+    """Gradient (3.6) summed over the batch, per layer: ``X^(l-1)T D^(l)`` and ``sum_b D_b^(l)``.
+
+    Args:
+      net: the network (for its bias).
+      xs: the layer inputs ``(x^(0), ..., x^(L-1))``, each (B, d_{l-1}).
+      ds: the deltas ``(delta^(1), ..., delta^(L))``, each (B, d_l), possibly scaled per
+        example (by clipping factors or weights) beforehand.
+
+    Returns:
+      A tuple like ``params``, in the computation's dtype.
+    """
+    out = []
+    for a, d in zip(xs, ds):
+        # Gradient (3.6): de/dw_ij^(l) = x_i^(l-1) delta_j^(l), summed over the batch;
+        # dS_j/db_j = 1.
+        out.append({"w": a.T @ d, "b": jnp.sum(d, axis=0)} if net.bias else {"w": a.T @ d})
+    return tuple(out)
+
+
+class Sums(NamedTuple):
+    """A batch's sums: everything data-dependent in a gradient, before :func:`finish`.
+
+    Sums over disjoint parts of a batch add up to the whole batch's (``loss``, ``grads`` and
+    ``dropped``; ``norms`` concatenate), which is what sharding relies on.
+
+    Attributes:
+      loss: ``sum_b w_b e_b``, a scalar, without L2.
+      grads: ``sum_b w_b c_b g_b`` (``c_b`` the clipping factor, 1 unclipped), a tuple like
+        ``params``, in the computation's dtype (that of the first layer's ``w``).
+      norms: ``||g_b||`` before clipping, (B,), NaN for a non-finite ``g_b``; ``None``
+        unclipped.
+      dropped: how many examples with ``w_b > 0`` had a non-finite gradient and so add
+        nothing to ``grads`` (an int32 scalar); ``None`` unclipped.
+    """
+
+    loss: Any
+    grads: Any
+    norms: Any = None
+    dropped: Any = None
+
+
+def example_losses(net: MLP, cache, y):
+    """Each example's loss ``e_b`` from a forward cache, (B,)."""
+    return net.loss_fn.value(cache.ss[-1], cache.xs[-1], y)
+
+
+def weighted_sum(e, weights):
+    """``sum_b w_b e_b``; an example of weight 0 adds exactly 0, even if ``e_b`` is not finite."""
+    if weights is None:
+        return jnp.sum(e)
+    return jnp.sum(jnp.where(weights != 0, weights * e, 0))
+
+
+def check_weights(weights, x, unit=False):
+    """Check per-example ``weights`` against the batch ``x``; return them as an array (or None).
+
+    Args:
+      weights: ``None``, or shape (B,), real or boolean.
+      x: the batch, (B, d0).
+      unit: require ``0 <= w <= 1`` (as clipping's sensitivity bound does) of concrete
+        weights. Traced weights (non-static arguments of a jitted caller) have no value at
+        trace time: there, a weight outside [0, 1] or NaN makes the result NaN instead.
+
+    Raises:
+      ValueError, TypeError: naming ``weights``, with what was expected and received.
+    """
+    if weights is None:
+        return None
+    batch = tuple(np.shape(x)[:1])
+    if tuple(np.shape(weights)) != batch:
+        raise ValueError(f"weights: expected shape {batch}, one per example of x, "
+                         f"got shape {np.shape(weights)}")
+    dtype = jnp.result_type(weights)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+            or dtype == jnp.bool_):
+        raise TypeError(f"weights: expected real or boolean weights, got dtype {dtype}")
+    if unit:
+        try:
+            w = np.asarray(weights, np.float64)
+        except jax.errors.TracerArrayConversionError:  # traced: checked where it is used
+            return jnp.asarray(weights)
+        bad = np.flatnonzero(~((w >= 0) & (w <= 1)))  # NaN fails both
+        if bad.size:
+            raise ValueError(f"weights: expected numbers in [0, 1], got {float(w[bad[0]])!r} "
+                             f"at index {bad[0]}")
+    return jnp.asarray(weights)
+
+
+def batch_sums(net: MLP, params, x, y, weights=None) -> Sums:
+    """A batch's loss and gradient sums, unclipped: ``sum_b w_b e_b`` and ``sum_b w_b g_b``.
+
+    Args:
+      net: the network (static under ``jax.jit``).
+      params: its parameters.
+      x: inputs, (B, d0).
+      y: labels for ``net.loss``.
+      weights: optional (B,): example b counts ``weights[b]`` times (e.g. a boolean mask of
+        the real examples of a padded batch); an example of weight 0 adds exactly nothing.
+
+    Returns:
+      :class:`Sums` ``(loss, grads, None, None)``; :func:`finish` makes the gradient.
+    """
+    weights = check_weights(weights, x)
+    cache, y, ds = forward_backward(net, params, x, y)
+    xs = cache.xs[:-1]
+    if weights is not None:
+        w = weights[:, None]
+        keep = w != 0  # 0 * inf would be NaN: a weight-0 row is zeroed, not multiplied
+        xs = tuple(jnp.where(keep, a, 0) for a in xs)
+        ds = tuple(jnp.where(keep, w * d, 0) for d in ds)
+    return Sums(weighted_sum(example_losses(net, cache, y), weights), gradient_sums(net, xs, ds))
+
+
+def divisor(net: MLP, batch):
+    """The reduction: a batch's sums are divided by B for ``reduction="mean"``, 1 for ``"sum"``."""
+    return batch if net.reduction == "mean" else 1
 
 
 def l2_penalty(net: MLP, params):
@@ -88,11 +231,46 @@ def l2_penalty(net: MLP, params):
 
 
 def add_l2_gradient(net: MLP, params, grads):
-    """``grads`` plus the penalty's gradient ``l2 W`` on each weight: for gradients formed
-    without it (per shard, or clipped and noised), since it does not depend on the data."""
+    """``grads`` plus the penalty's gradient ``l2 W`` on each weight: added once, to a finished
+    gradient, since it does not depend on the data (so it is never clipped nor noised)."""
     if not net.l2:
         return grads
-    return tuple({**g, "w": g["w"] + net.l2 * p["w"]} for g, p in zip(grads, params))
+    # l2 W in the gradient's (wider) dtype: a bfloat16 W must not round l2 W to bfloat16.
+    return tuple({**g, "w": g["w"] + net.l2 * jnp.asarray(p["w"], g["w"].dtype)}
+                 for g, p in zip(grads, params))
+
+
+def like_params(tree, params):
+    """Each leaf of a tree like ``params`` cast to its parameter's dtype (gradients keep the
+    parameters' dtypes, also when they mix, e.g. float32 and bfloat16)."""
+    return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), tree, params)
+
+
+def finish(net: MLP, params, grad_sum, batch, noise=None):
+    """The gradient from a batch's sum: ``(grad_sum + noise) / batch + l2 W``.
+
+    Args:
+      net: the network (for its L2 term).
+      params: its parameters.
+      grad_sum: a gradient sum, a tuple like ``params`` (``Sums.grads``, reduced across
+        devices or not).
+      batch: the divisor: ``divisor(net, B)`` for the loss's gradient; B (or the expected B
+        of a Poisson batch) for DP-SGD, whatever ``net.reduction``.
+      noise: optional, a tuple like ``params`` added to the sum before the division (DP-SGD's
+        Gaussian noise, calibrated to the sum).
+
+    Returns:
+      A tuple like ``params``: same structure, shapes and dtypes.
+    """
+    if noise is not None:
+        grad_sum = jax.tree.map(lambda g, z: g + z.astype(g.dtype), grad_sum, noise)
+    mean = jax.tree.map(lambda g: g / jnp.asarray(batch, g.dtype), grad_sum)
+    return like_params(add_l2_gradient(net, params, mean), params)
+
+
+def finish_loss(net: MLP, params, loss_sum, batch):
+    """The loss from a batch's sum: ``loss_sum / batch + (l2 / 2) sum ||W||^2``."""
+    return loss_sum / batch + l2_penalty(net, params)
 
 
 def loss(net: MLP, params, x, y):
@@ -109,12 +287,8 @@ def loss(net: MLP, params, x, y):
       A scalar of the parameters' dtype.
     """
     cache = forward_cache(net, params, x)
-    return _loss_from_cache(net, params, cache, check_y(net, cache.xs[0], y))
-
-
-def _loss_from_cache(net, params, cache, y):
-    per_example = net.loss_fn.value(cache.ss[-1], cache.xs[-1], y)
-    return _reduce(net, per_example) + l2_penalty(net, params)
+    e = example_losses(net, cache, check_y(net, cache.xs[0], y))
+    return finish_loss(net, params, jnp.sum(e), divisor(net, e.shape[0]))
 
 
 def value_and_backprop(net: MLP, params, x, y):
@@ -124,18 +298,9 @@ def value_and_backprop(net: MLP, params, x, y):
       ``(loss, grads)``: a scalar, and a tuple like ``params`` (same structure, shapes and
       dtypes) holding dloss/dW and dloss/db.
     """
-    cache = forward_cache(net, params, x)
-    y = check_y(net, cache.xs[0], y)
-    scale = 1.0 / cache.xs[0].shape[0] if net.reduction == "mean" else 1.0
-    ds = delta_recursion(net, params, cache, y, scale)
-    grads = []
-    for layer, x_prev, delta in zip(params, cache.xs[:-1], ds):
-        # Gradient (3.6): de/dw_ij^(l) = x_i^(l-1) delta_j^(l), summed over the batch.
-        g = {"w": x_prev.T @ delta + net.l2 * layer["w"] if net.l2 else x_prev.T @ delta}
-        if net.bias:
-            g["b"] = jnp.sum(delta, axis=0)  # dS_j/db_j = 1
-        grads.append(g)
-    return _loss_from_cache(net, params, cache, y), tuple(grads)
+    sums = batch_sums(net, params, x, y)
+    n = divisor(net, np.shape(x)[0])
+    return finish_loss(net, params, sums.loss, n), finish(net, params, sums.grads, n)
 
 
 def backprop(net: MLP, params, x, y):

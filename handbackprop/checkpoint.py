@@ -12,10 +12,13 @@ error mid-write leaves the previous checkpoint as it was. Reading uses
 anything truncated, corrupted or mismatched raises :class:`CheckpointError`.
 """
 
+import contextlib
 import json
 import os
 import pathlib
+import re
 import tempfile
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -25,7 +28,8 @@ import numpy as np
 
 from handbackprop import activations as _activations
 from handbackprop import losses as _losses
-from handbackprop.mlp import MLP, check_params
+from handbackprop.checks import check_int, check_key
+from handbackprop.mlp import MLP, check_net, check_params
 from handbackprop.train import TrainState
 
 FORMAT = "handbackprop-checkpoint"
@@ -66,8 +70,10 @@ def net_config(net: MLP) -> dict:
     """The network's configuration as JSON-ready data, one activation name per hidden layer.
 
     Raises:
+      TypeError: for a ``net`` that is not an :class:`~handbackprop.MLP`.
       ValueError: for a custom ``(g, g')`` activation or custom loss.
     """
+    check_net(net)
     acts = _activations.ACTIVATIONS
     return {
         "sizes": list(net.sizes),
@@ -91,34 +97,57 @@ def _is_typed_key(key):
     return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
+def _stale_temporaries(path):
+    """Temporary files that saves of ``path`` killed mid-write (SIGKILL, power loss) left."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+
+
 def save(path, net: MLP, state: TrainState, epoch: int, metadata: dict | None = None) -> None:
     """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``).
+
+    A save killed before ``os.replace`` leaves its temporary file (``.NAME.XXXXXXXX.tmp``)
+    behind; the next save of the same path removes such files. Two processes saving one path
+    at once are not supported.
 
     Args:
       path: the file to write (conventionally ``*.npz``).
       net: the network.
       state: the :class:`~handbackprop.train.TrainState` after ``epoch`` epochs.
       epoch: the number of epochs done, >= 0.
-      metadata: JSON-serialisable data to keep with it (e.g. the run's settings and history).
+      metadata: a JSON-serialisable dict to keep with it (e.g. the run's settings and history).
 
     Raises:
+      TypeError: for a ``state`` that is not a :class:`~handbackprop.train.TrainState`.
       ValueError: for a network that cannot be saved (custom activation or loss), parameters
-        that do not match it, or metadata that is not JSON; nothing is written.
+        that do not match it, a negative epoch, or metadata that is not a JSON dict;
+        nothing is written.
     """
     path = pathlib.Path(path)
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected a TrainState(params, opt_state, key) such as "
+                        f"init_state or fit return, got {type(state).__name__}")
     check_params(net, state.params)
+    check_int("epoch", epoch, 0)
+    check_key(state.key)
+    if not isinstance(metadata, (dict, type(None))):
+        raise TypeError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     typed = _is_typed_key(state.key)
-    header = json.dumps({
-        "format": FORMAT, "version": VERSION, "net": net_config(net), "epoch": int(epoch),
-        "key_impl": str(jax.random.key_impl(state.key)) if typed else None,
-        "metadata": metadata or {},
-    })
+    try:
+        header = json.dumps({
+            "format": FORMAT, "version": VERSION, "net": net_config(net), "epoch": int(epoch),
+            "key_impl": str(jax.random.key_impl(state.key)) if typed else None,
+            "metadata": metadata or {},
+        })
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"metadata: expected JSON-serialisable data, got {e}") from None
     arrays = {"header": np.array(header)}
     for l, layer in enumerate(state.params):
         arrays.update({f"params/{l}/{k}": np.asarray(v) for k, v in layer.items()})
     arrays.update({f"opt_state/{i}": np.asarray(v)
                    for i, v in enumerate(jax.tree.leaves(state.opt_state))})
     arrays["key"] = np.asarray(jax.random.key_data(state.key) if typed else state.key)
+    stale = _stale_temporaries(path) if path.parent.is_dir() else []
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -132,25 +161,51 @@ def save(path, net: MLP, state: TrainState, epoch: int, metadata: dict | None = 
     except BaseException:
         os.unlink(tmp)
         raise
+    for p in stale:  # only once this save has succeeded
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _read(path):
-    """All arrays and the parsed header, or a :class:`CheckpointError`."""
+    """All arrays and the validated header, or a :class:`CheckpointError`."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not a .npz archive")
+        with f:
             arrays = {k: f[k] for k in f.files}  # reading every member checks its CRC-32
+        if "header" not in arrays or arrays["header"].shape != () or arrays["header"].dtype.kind != "U":
+            raise ValueError("no header string")
         header = json.loads(str(arrays.pop("header")))
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, RecursionError,
+            UnicodeError, NotImplementedError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupted "
-                              f"({type(e).__name__}: {e})") from e
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file")
     if header.get("version") != VERSION:
         raise CheckpointError(f"{path}: format version {header.get('version')!r}, "
                               f"this library reads version {VERSION}")
+    _check_header(path, header)
     return header, arrays
+
+
+def _check_header(path, header):
+    """Every header field of the right type, so nothing downstream meets a surprise."""
+    epoch, impl = header.get("epoch"), header.get("key_impl")
+    problems = [
+        (not isinstance(header.get("net"), dict), f"net: expected a dict, got {header.get('net')!r}"),
+        (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0,
+         f"epoch: expected an int >= 0, got {epoch!r}"),
+        (not (impl is None or isinstance(impl, str)), f"key_impl: expected a name, got {impl!r}"),
+        (not isinstance(header.get("metadata"), dict),
+         f"metadata: expected a dict, got {type(header.get('metadata')).__name__}"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise CheckpointError(f"{path}: invalid header: {what[:200]}")
 
 
 def read_metadata(path) -> dict:
@@ -164,6 +219,9 @@ def read_metadata(path) -> dict:
 
 def load(path, optimizer, net: MLP | None = None) -> Checkpoint:
     """Read a checkpoint and rebuild its training state.
+
+    Arrays keep their saved dtypes; float64 ones with ``jax_enable_x64`` off become float32,
+    with a warning (enable x64 before loading to resume such a run exactly).
 
     Args:
       path: a file written by :func:`save`.
@@ -185,6 +243,12 @@ def load(path, optimizer, net: MLP | None = None) -> Checkpoint:
     if net is not None and net_config(net) != net_config(saved):
         raise CheckpointError(f"{path}: the checkpoint's network {net_config(saved)} does not "
                               f"match the expected {net_config(net)}")
+    narrowed = sorted({str(a.dtype) for a in arrays.values()
+                       if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype})
+    if narrowed:
+        warnings.warn(f"{path}: {', '.join(narrowed)} arrays loaded as "
+                      f"{jax.dtypes.canonicalize_dtype(np.float64)} because jax_enable_x64 is "
+                      "off; enable it before loading to resume the run exactly", stacklevel=2)
     try:
         params = tuple({k: jnp.asarray(arrays[f"params/{l}/{k}"]) for k in layer}
                        for l, layer in enumerate(_layer_keys(saved)))
@@ -192,17 +256,35 @@ def load(path, optimizer, net: MLP | None = None) -> Checkpoint:
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: parameters do not match the network: {e}") from e
     template, treedef = jax.tree.flatten(optimizer.init(params))
-    leaves = [arrays[k] for k in sorted((k for k in arrays if k.startswith("opt_state/")),
-                                        key=lambda k: int(k.split("/")[1]))]
-    got = [(a.shape, a.dtype) for a in leaves]
-    want = [(np.shape(a), np.asarray(a).dtype) for a in template]
+    names = [k for k in arrays if k.startswith("opt_state/")]
+    if sorted(names) != sorted(f"opt_state/{i}" for i in range(len(names))):
+        raise CheckpointError(f"{path}: optimiser state members are not opt_state/0.."
+                              f"{len(names) - 1}: {sorted(names)[:10]}")
+    leaves = [arrays[f"opt_state/{i}"] for i in range(len(names))]
+    canonical = jax.dtypes.canonicalize_dtype
+    got = [(a.shape, canonical(a.dtype)) for a in leaves]
+    want = [(np.shape(a), canonical(np.asarray(a).dtype)) for a in template]
     if got != want:
         raise CheckpointError(f"{path}: optimiser state does not match the optimiser (saved with "
                               f"other settings?): saved leaves {got}, expected {want}")
-    impl = header.get("key_impl")
-    key = jax.random.wrap_key_data(arrays["key"], impl=impl) if impl else jnp.asarray(arrays["key"])
-    state = TrainState(params, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves]), key)
-    return Checkpoint(saved, state, int(header["epoch"]), header["metadata"])
+    state = TrainState(params, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves]),
+                       _key(path, header.get("key_impl"), arrays))
+    return Checkpoint(saved, state, header["epoch"], header["metadata"])
+
+
+def _key(path, impl, arrays):
+    """The shuffle key from its saved data: typed (with its implementation) or raw uint32."""
+    data = arrays.get("key")
+    if data is None or data.dtype != np.uint32:
+        got = "none" if data is None else f"dtype {data.dtype}"
+        raise CheckpointError(f"{path}: key: expected the key's uint32 data, got {got}")
+    try:
+        key = jax.random.wrap_key_data(data, impl=impl) if impl else jnp.asarray(data)
+        check_key(key)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: key: not a key of implementation {impl!r}: "
+                              f"{str(e)[:200]}") from e
+    return key
 
 
 def _layer_keys(net):

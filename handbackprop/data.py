@@ -18,6 +18,7 @@ ink into large, noisy inputs (test accuracy drops by about a point).
 """
 
 import pathlib
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -27,6 +28,7 @@ SKLEARN_SETS = {"breast_cancer": "load_breast_cancer", "diabetes": "load_diabete
 SYNTHETIC_SETS = ("spirals", "xor")
 DATASETS = tuple(sorted((*SKLEARN_SETS, *SYNTHETIC_SETS)))
 TASKS = ("classification", "regression")
+MAX_INFERRED_CLASSES = 100  # integral file labels with more distinct values need a task
 
 
 class Dataset(NamedTuple):
@@ -80,15 +82,18 @@ def load(name, *, test_size: float = 0.2, seed: int = 0, task: str | None = None
       name: one of :data:`DATASETS`, or a path to a ``.npz`` or ``.csv`` file.
       test_size: the fraction of examples held out for testing, in (0, 1).
       seed: seeds the split (and the synthetic sets' points).
-      task: ``"classification"`` or ``"regression"`` for a file; ``None`` infers it: integer
-        labels (in a ``.npz``) or integral ones (in a ``.csv``) are classes.
+      task: ``"classification"`` or ``"regression"`` for a file; ``None`` infers it
+        (:func:`infer_task`): up to :data:`MAX_INFERRED_CLASSES` integer labels (in a
+        ``.npz``) or integral ones (in a ``.csv``) are classes; more must be told.
 
     Returns:
       A :class:`Dataset`.
 
     Raises:
-      ValueError: for an unknown name (the valid ones are listed), a file without ``X`` or
-        ``y``, mismatched or non-finite arrays, or a split that leaves a side empty.
+      ValueError: for an unknown name (the valid ones are listed), an unreadable file, a file
+        without ``X`` or ``y``, mismatched, complex or non-finite arrays, a single class,
+        too many integral labels to infer the task, or a split that leaves a side empty.
+      FileNotFoundError: for a missing file.
       ImportError: for a scikit-learn set without scikit-learn.
 
     Example:
@@ -111,13 +116,36 @@ def load(name, *, test_size: float = 0.2, seed: int = 0, task: str | None = None
     elif path.suffix in (".npz", ".csv"):
         x, y = _read_npz(path) if path.suffix == ".npz" else _read_csv(path)
         if task is None:
-            integral = np.issubdtype(y.dtype, np.integer) or (
-                path.suffix == ".csv" and y.ndim == 1 and np.all(y == np.round(y)))
-            task = "classification" if integral else "regression"
+            task = infer_task(path, y)
     else:
         raise ValueError(f"name: unknown data set {name!r}; valid names are {list(DATASETS)}, "
                          "or a path to a .npz or .csv file")
     return _prepare(str(name), x, y, task, test_size, rng)
+
+
+def infer_task(path, y) -> str:
+    """A file's task when none is given: classification for a few integral labels, regression
+    for non-integral targets.
+
+    Integral labels with more than :data:`MAX_INFERRED_CLASSES` distinct values are ambiguous
+    (ages, counts, prices in cents: a regression target read as hundreds of classes), so the
+    task must then be given.
+
+    Raises:
+      ValueError: for integral labels with too many distinct values.
+    """
+    y = np.asarray(y)
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        path.suffix == ".csv" and y.ndim == 1 and np.issubdtype(y.dtype, np.number)
+        and np.all(y == np.round(y)))
+    if not integral:
+        return "regression"
+    distinct = len(np.unique(y))
+    if distinct > MAX_INFERRED_CLASSES:
+        raise ValueError(f"task: {path}: y holds {distinct} distinct integer values, more than "
+                         f"the {MAX_INFERRED_CLASSES} classes inferred without a task; say what "
+                         "it is with task='classification' or task='regression' (--task)")
+    return "classification"
 
 
 def _sklearn(name):
@@ -144,23 +172,38 @@ def _spirals(rng, n=600, noise=0.1):
 
 
 def _read_npz(path):
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("X", "y") if k not in f.files]
-        if missing:
-            raise ValueError(f"data file {path}: expected arrays 'X' and 'y', missing {missing}; "
-                             f"found {f.files}")
-        return f["X"], f["y"]
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy's one array
+            raise ValueError("it holds one array, not arrays 'X' and 'y'")
+        with f:
+            missing = [k for k in ("X", "y") if k not in f.files]
+            if missing:
+                raise ValueError(f"expected arrays 'X' and 'y', missing {missing}; "
+                                 f"found {f.files}")
+            return f["X"], f["y"]
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"data file {path}: not a readable .npz of arrays X and y "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _read_csv(path):
-    with open(path) as f:
-        first = f.readline()
-    try:  # a header row is any first row that is not all numbers
-        [float(v) for v in first.split(",")]
-        skip = 0
-    except ValueError:
-        skip = 1
-    table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    try:  # utf-8-sig: a byte-order mark would make the first row look like a header
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline()
+        try:  # a header row is any first row that is not all numbers
+            [float(v) for v in first.split(",")]
+            skip = 0
+        except ValueError:
+            skip = 1
+        table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"data file {path}: not a readable CSV of numbers "
+                         f"({type(e).__name__}: {e})") from None
     if table.shape[1] < 2:
         raise ValueError(f"data file {path}: expected columns X..., y (at least 2), "
                          f"got {table.shape[1]}")
@@ -169,8 +212,9 @@ def _read_csv(path):
 
 def _prepare(name, x, y, task, test_size, rng):
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != 2 or not (np.issubdtype(x.dtype, np.number) and np.all(np.isfinite(x))):
-        raise ValueError(f"{name}: X: expected finite numbers of shape (n, d), "
+    real = lambda a: np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)  # noqa: E731
+    if x.ndim != 2 or not (real(x) and np.all(np.isfinite(x))):  # complex too: not real inputs
+        raise ValueError(f"{name}: X: expected finite real numbers of shape (n, d), "
                          f"got shape {x.shape} dtype {x.dtype}")
     if y.shape[:1] != x.shape[:1] or y.ndim not in (1, 2):
         raise ValueError(f"{name}: y: expected shape ({len(x)},) or ({len(x)}, k) to match X "
@@ -179,10 +223,14 @@ def _prepare(name, x, y, task, test_size, rng):
         if y.ndim != 1:
             raise ValueError(f"{name}: y: class labels must have shape ({len(x)},), got {y.shape}")
         labels, y = np.unique(y, return_inverse=True)  # labels -> 0..C-1
+        if len(labels) < 2:  # nothing to learn, and every accuracy would be 1.0
+            raise ValueError(f"{name}: y: classification needs at least 2 classes, got one "
+                             f"(every label is {labels[0].item()!r})")
         classes, strata = tuple(labels.tolist()), y
     else:
-        if not (np.issubdtype(y.dtype, np.number) and np.all(np.isfinite(y))):
-            raise ValueError(f"{name}: y: regression targets must be finite numbers")
+        if not (real(y) and np.all(np.isfinite(y))):
+            raise ValueError(f"{name}: y: regression targets must be finite real numbers, "
+                             f"got dtype {y.dtype}")
         y, classes, strata = y.reshape(len(y), -1).astype(np.float64), (), np.zeros(len(y), int)
     # Stratified: each class (one stratum for regression) gives test_size of its examples.
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
@@ -202,7 +250,15 @@ def _prepare(name, x, y, task, test_size, rng):
 
 def _standardise(train, test, per_column=True):
     """Both splits centred and scaled by the training split's mean and std, per column or
-    over all columns at once."""
-    mean, std = (train.mean(0), train.std(0)) if per_column else (train.mean(), train.std())
+    over all columns at once.
+
+    Computed on the columns divided by a power of two near their largest magnitude: the
+    squares in the variance of entries above about 1e154 would overflow to infinity, which
+    would scale them to 0. Dividing by a power of two is exact, so the result is unchanged.
+    """
+    axis = 0 if per_column else None
+    scale = np.ldexp(1.0, np.frexp(np.max(np.abs(train), axis=axis))[1])  # 2^e > max |x|
+    train, test = train / scale, test / scale
+    mean, std = train.mean(axis), train.std(axis)
     std = np.where(std == 0, 1, std)  # a constant column stays at zero
     return (train - mean) / std, (test - mean) / std

@@ -7,8 +7,10 @@ One DP-SGD gradient, for a batch of B examples, clip bound C and noise multiplie
 The noise is calibrated to the *sum*, whose sensitivity to one example is C, and only then
 divided by B: adding noise of standard deviation sigma C to the mean, as some code does, gives
 B times too much noise. The clipped sum comes from :func:`handbackprop.clipped_grad` in one
-backward pass, with no per-example gradients in memory. The L2 gradient ``l2 W`` does not
-depend on the data, so it is added after clipping and noise and costs no privacy.
+backward pass, with no per-example gradients in memory (an example with a non-finite gradient
+is left out of it); :func:`noisy_mean` draws the noise and hands the sum to
+:func:`handbackprop.backprop.finish`, which divides and adds the L2 gradient ``l2 W``: it
+does not depend on the data, so it is added after clipping and noise and costs no privacy.
 
 Accounting (:func:`dp_epsilon`) needs the optional ``dp-accounting`` package:
 ``pip install 'handbackprop[dp]'``. It assumes Poisson sampling, which :func:`poisson_batch`
@@ -23,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from handbackprop.mlp import MLP
-from handbackprop.backprop import add_l2_gradient
+from handbackprop.backprop import finish
 from handbackprop.checks import check_int, check_key, check_scalar
-from handbackprop.per_example import clipped_grad
+from handbackprop.mlp import MLP, check_params
+from handbackprop.per_example import clipped_sums
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -62,19 +64,23 @@ class DPSGD(NamedTuple):
         return self
 
 
-def poisson_capacity(n: int, batch_size: int) -> int:
+def poisson_capacity(n: int, batch_size: int, multiple_of: int = 1) -> int:
     """The static size of a padded Poisson batch of expected size B from n examples.
 
     ``min(n, ceil(B + 6 sqrt(B (1 - B/n))) + 1)``: a binomial count exceeds it with
     probability below about 1e-9, and only then does :func:`poisson_batch` drop examples.
+    Then rounded up to a multiple of ``multiple_of`` (e.g. the devices of a mesh, so that
+    the padded batch splits evenly over them), which may exceed n.
     """
     check_int("n", n, 1)
     check_int("batch_size", batch_size, 1, n)
+    check_int("multiple_of", multiple_of, 1)
     sd = math.sqrt(batch_size * (1 - batch_size / n))
-    return min(n, math.ceil(batch_size + 6 * sd) + 1)
+    size = min(n, math.ceil(batch_size + 6 * sd) + 1)
+    return -(-size // multiple_of) * multiple_of
 
 
-def poisson_batch(key, n: int, batch_size: int):
+def poisson_batch(key, n: int, batch_size: int, multiple_of: int = 1):
     """A Poisson-sampled batch: each of n examples independently with probability B / n.
 
     The sampling that DP-SGD's accounting (:func:`dp_epsilon`) assumes. The count is random
@@ -84,9 +90,10 @@ def poisson_batch(key, n: int, batch_size: int):
       key: a ``jax.random`` key.
       n: the data set's size.
       batch_size: B, the expected batch size, in [1, n].
+      multiple_of: the capacity is a multiple of it (see :func:`poisson_capacity`).
 
     Returns:
-      ``(indices, mask)``, each of shape ``(poisson_capacity(n, B),)``: the chosen examples'
+      ``(indices, mask)``, each of shape ``(poisson_capacity(n, B, multiple_of),)``: the chosen examples'
       indices in increasing order, then zeros; ``mask`` (bool) is True for a chosen example,
       False for padding.
 
@@ -96,7 +103,7 @@ def poisson_batch(key, n: int, batch_size: int):
       ((67,), True)
     """
     check_key(key)
-    size = poisson_capacity(n, batch_size)
+    size = poisson_capacity(n, batch_size, multiple_of)
     chosen = jax.random.bernoulli(key, batch_size / n, (n,))
     (indices,) = jnp.nonzero(chosen, size=size, fill_value=0)
     return indices, jnp.arange(size) < jnp.sum(chosen)
@@ -133,9 +140,8 @@ def dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier):
     """
     check_scalar("noise_multiplier", noise_multiplier, strict=False)
     check_key(key)
-    clipped = clipped_grad(net, params, x, y, clip_norm)
-    return noisy_mean(net, params, clipped.sum, clipped.norms.shape[0], key, clip_norm,
-                      noise_multiplier)
+    sums = clipped_sums(net, params, x, y, clip_norm)
+    return noisy_mean(net, params, sums.grads, np.shape(x)[0], key, clip_norm, noise_multiplier)
 
 
 def tree_normal(key, tree):
@@ -159,6 +165,11 @@ def tree_normal(key, tree):
     """
     check_key(key)
     leaves, treedef = jax.tree.flatten(tree)
+    dtypes = [jnp.result_type(a) for a in leaves]
+    if not leaves or not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        raise (TypeError if leaves else ValueError)(
+            "tree: expected a pytree of floating arrays (at least one), got "
+            + (f"leaf dtypes {sorted(set(map(str, dtypes)))}" if leaves else f"{tree!r}"))
     sizes = [np.size(a) for a in leaves]
     z = jax.random.normal(key, (sum(sizes),), jnp.result_type(*leaves))
     parts = jnp.split(z, np.cumsum(sizes)[:-1])
@@ -176,20 +187,38 @@ def noisy_mean(net: MLP, params, clipped_sum, batch: int, key, clip_norm, noise_
       net: the network (for its L2 term).
       params: its parameters.
       clipped_sum: ``sum_b clip_C(g_b)``, a tuple like ``params``.
-      batch: B, the number of examples summed.
+      batch: B, the number of examples summed (the expected B for a Poisson batch), an
+        int >= 1.
       key, clip_norm, noise_multiplier: as for :func:`dp_grad`.
 
     Returns:
-      A tuple like ``params``.
+      A tuple like ``params``, in the parameters' dtypes.
+
+    Raises:
+      ValueError, TypeError: naming ``batch``, ``clipped_sum``, ``key``, ``clip_norm``,
+        ``noise_multiplier`` or ``params``, before any computation.
     """
+    check_params(net, params)
+    want, got = jax.tree.map(np.shape, params), None
+    try:
+        got = jax.tree.map(np.shape, clipped_sum)
+    except Exception:  # noqa: BLE001 (anything that is not a pytree of arrays)
+        pass
+    if got != want:
+        raise ValueError(f"clipped_sum: expected a tree like params with shapes {want}, "
+                         f"got {got if got is not None else type(clipped_sum).__name__}")
+    check_int("batch", batch, 1)
+    check_key(key)
+    check_scalar("clip_norm", clip_norm)
+    check_scalar("noise_multiplier", noise_multiplier, strict=False)
     if isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0:
         # A known sigma = 0 adds exactly nothing: skip drawing P normals (on a CPU, often
         # the costliest part of a small network's step). A traced sigma always draws.
-        return add_l2_gradient(net, params, jax.tree.map(lambda g: g / batch, clipped_sum))
+        return finish(net, params, clipped_sum, batch)
     std = noise_multiplier * clip_norm  # the sum's sensitivity to one example is C
-    noisy = jax.tree.map(lambda g, z: (g + jnp.asarray(std, g.dtype) * z) / batch,
-                         clipped_sum, tree_normal(key, clipped_sum))
-    return add_l2_gradient(net, params, noisy)
+    z = tree_normal(key, clipped_sum)
+    return finish(net, params, clipped_sum, batch,
+                  jax.tree.map(lambda g, z: jnp.asarray(std, g.dtype) * z, clipped_sum, z))
 
 
 def dp_sgd_step(net: MLP, params, x, y, key, learning_rate, clip_norm, noise_multiplier):

@@ -9,6 +9,7 @@ layer (``{"w"}`` alone without bias).
 
 import dataclasses
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 
 from handbackprop import activations as _activations
 from handbackprop import losses as _losses
+from handbackprop.checks import check_key
 
 REDUCTIONS = ("mean", "sum")
 
@@ -63,16 +65,20 @@ class MLP:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        try:
-            sizes = tuple(int(d) for d in self.sizes)
-        except TypeError:
-            raise TypeError(f"sizes: expected a sequence of ints, got {self.sizes!r}") from None
+        # Integers only: int() would turn 4.5 into 4 and "342" into (3, 4, 2) without a word.
+        if not isinstance(self.sizes, (tuple, list, np.ndarray)) or not all(
+                isinstance(d, numbers.Integral) and not isinstance(d, (bool, np.bool_))
+                for d in self.sizes):
+            raise TypeError(f"sizes: expected a sequence of ints, got {self.sizes!r}")
+        sizes = tuple(int(d) for d in self.sizes)
         if len(sizes) < 2 or any(d <= 0 for d in sizes):
             raise ValueError(
                 f"sizes: expected (d0, ..., dL) with at least two positive entries, got {self.sizes!r}"
             )
         set_("sizes", sizes)
         loss = _losses.get(self.loss)
+        if _losses.LOSSES.get(loss.name) is loss:  # a built-in Loss: code compares names
+            set_("loss", loss.name)
         hidden = len(sizes) - 2
         if _is_single_activation(self.activation) or not isinstance(self.activation, (tuple, list)):
             _activations.get(self.activation)
@@ -95,9 +101,12 @@ class MLP:
                 f"output_activation: {loss.name} is computed from logits and needs "
                 f"output_activation={loss.canonical!r} (or None), got {out.name!r}"
             )
-        if not isinstance(self.bias, bool):
+        if not isinstance(self.bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected True or False, got {self.bias!r}")
-        if not (isinstance(self.l2, (int, float)) and math.isfinite(self.l2) and self.l2 >= 0):
+        set_("bias", bool(self.bias))
+        if isinstance(self.l2, (bool, np.bool_)) or not isinstance(self.l2, numbers.Real):
+            raise TypeError(f"l2: expected a finite number >= 0, got {self.l2!r}")
+        if not (math.isfinite(self.l2) and self.l2 >= 0):
             raise ValueError(f"l2: expected a finite number >= 0, got {self.l2!r}")
         set_("l2", float(self.l2))
         if self.reduction not in REDUCTIONS:
@@ -139,7 +148,13 @@ def init_params(key, net: MLP, dtype=jnp.float32):
 
     Returns:
       A tuple of L dicts ``{"w": (d_{l-1}, d_l), "b": (d_l,)}`` (no ``"b"`` without bias).
+
+    Raises:
+      TypeError: for a ``key`` that is not one ``jax.random`` key, a ``net`` that is not an
+        :class:`MLP`, or a non-floating ``dtype``.
     """
+    check_key(key)
+    check_net(net)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype!r}")
     params = []
@@ -191,8 +206,16 @@ def _shape(a):
     return tuple(np.shape(a))
 
 
+def check_net(net):
+    """Raise unless ``net`` is an :class:`MLP` (a tuple of sizes is the common slip)."""
+    if not isinstance(net, MLP):
+        hint = f"; build one with MLP({net!r})" if isinstance(net, (tuple, list)) else ""
+        raise TypeError(f"net: expected an MLP, got {type(net).__name__} {net!r}{hint}")
+
+
 def check_params(net: MLP, params):
     """Raise if ``params`` does not match ``net`` (layer count, keys, shapes, dtypes)."""
+    check_net(net)
     if not isinstance(params, (tuple, list)) or len(params) != net.num_layers:
         got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
         raise ValueError(f"params: expected a tuple of {net.num_layers} layers, got {got}")
@@ -213,11 +236,29 @@ def check_params(net: MLP, params):
                 )
 
 
+def _as_array(name, x):
+    """A nested Python list or tuple as a NumPy array (JAX takes arrays only); else ``x``."""
+    if not isinstance(x, (list, tuple)):
+        return x
+    try:
+        return np.asarray(x)
+    except ValueError:  # ragged
+        raise ValueError(f"{name}: expected a rectangular array or nested list, "
+                         "got a ragged nested list") from None
+
+
 def check_x(net: MLP, params, x):
-    """Check params and inputs; return ``x`` as an array of the parameters' dtype."""
+    """Check params and inputs; return ``x`` as an array of the parameters' dtype.
+
+    Every entry point's inputs go through here (via :func:`forward_cache`), so this is the one
+    place that refuses an empty batch: its mean loss, gradient and metrics would be 0/0.
+    """
     check_params(net, params)
+    x = _as_array("x", x)
     if _shape(x)[1:] != (net.sizes[0],) or len(_shape(x)) != 2:
         raise ValueError(f"x: expected shape (B, {net.sizes[0]}), got {_shape(x)}")
+    if _shape(x)[0] == 0:
+        raise ValueError(f"x: expected at least one example, got an empty batch of shape {_shape(x)}")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"x: expected a floating dtype, got {jnp.result_type(x)}")
     return jnp.asarray(x, jnp.result_type(params[0]["w"]))
@@ -226,20 +267,56 @@ def check_x(net: MLP, params, x):
 def check_y(net: MLP, x, y):
     """Check labels against the loss and the batch; return them as an array.
 
-    Floating targets are cast to the dtype of ``x`` (already that of the parameters).
+    Floating targets are cast to the dtype of ``x`` (already that of the parameters). Concrete
+    labels outside the loss's domain (:func:`handbackprop.losses.labels_ok`: a class outside
+    [0, K), a binary target outside [0, 1], a probability row with a negative entry or not
+    summing to 1) raise here. Traced ones (under ``jax.jit``) cannot be inspected: the loss
+    then gives each such example a NaN loss and NaN gradient, never a plausible zero.
+
+    Raises:
+      ValueError: naming ``y``, for a wrong shape or dtype, or a concrete label out of domain,
+        e.g. ``y: softmax_cross_entropy needs class labels in [0, 3), got 7 at index 0``.
     """
+    y = _as_array("y", y)
     batch, k = _shape(x)[0], net.sizes[-1]
     shape, dtype = _shape(y), jnp.result_type(y)
-    if net.loss == "softmax_cross_entropy":
-        if jnp.issubdtype(dtype, jnp.integer):
-            if shape != (batch,):
-                raise ValueError(f"y: integer class labels must have shape ({batch},), got {shape}")
-            return jnp.asarray(y)
-        ok = "integer classes of shape ({b},) or probability rows of shape ({b}, {k})"
+    # Concrete labels are checked on the host, as given (NumPy, or a JAX array outside jit):
+    # inside a jit trace even a constant becomes a tracer once jnp touches it.
+    host = None if isinstance(y, jax.core.Tracer) else np.asarray(y)
+    if net.loss == "softmax_cross_entropy" and jnp.issubdtype(dtype, jnp.integer):
+        if shape != (batch,):
+            raise ValueError(f"y: integer class labels must have shape ({batch},), got {shape}")
     else:
-        ok = "floating targets of shape ({b}, {k})"
-    if shape != (batch, k) or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"y: {net.loss} expects " + ok.format(b=batch, k=k) + f", got shape {shape} dtype {dtype}"
-        )
-    return jnp.asarray(y, jnp.result_type(x))
+        if net.loss == "softmax_cross_entropy":
+            ok = "integer classes of shape ({b},) or probability rows of shape ({b}, {k})"
+        else:
+            ok = "floating targets of shape ({b}, {k})"
+        if shape != (batch, k) or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"y: {net.loss} expects " + ok.format(b=batch, k=k)
+                             + f", got shape {shape} dtype {dtype}")
+        dtype = jnp.result_type(x)
+        host = None if host is None else host.astype(dtype)
+    if host is not None:
+        _check_label_values(net, host, k)
+    return jnp.asarray(y, dtype)
+
+
+def _check_label_values(net, y, k):
+    """For concrete labels (a NumPy array): raise, naming the first example out of the
+    loss's domain."""
+    name = getattr(net.loss, "name", net.loss)
+    bad = np.flatnonzero(~_losses.labels_ok(name, y, k, np))
+    if not bad.size:
+        return
+    i, row = int(bad[0]), y[bad[0]]
+    if name == "binary_cross_entropy":
+        j = int(np.flatnonzero(~((row >= 0) & (row <= 1)))[0])
+        raise ValueError(f"y: binary_cross_entropy needs targets in [0, 1], "
+                         f"got {row[j]} at index ({i}, {j})")
+    if row.ndim == 0:
+        raise ValueError(f"y: softmax_cross_entropy needs class labels in [0, {k}), "
+                         f"got {row} at index {i}")
+    tol = _losses.row_sum_tolerance(k, y.dtype)
+    raise ValueError(f"y: softmax_cross_entropy needs probability rows with entries >= 0 "
+                     f"summing to 1 (within {tol:.2g}, K eps of {y.dtype}), got row {i} with "
+                     f"sum {row.sum()} and smallest entry {row.min()}")

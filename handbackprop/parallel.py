@@ -2,16 +2,18 @@
 sharding (``jax.sharding.Mesh``, ``NamedSharding``, ``jax.shard_map``).
 
 Each device runs the hand-written delta recursion on its own slice of the batch; one explicit
-collective then combines the slices. For a batch split into n equal shards k = 1..n of B/n:
+collective then combines the slices. For a batch split into n shards k = 1..n, every gradient
+is formed from sums (:class:`handbackprop.backprop.Sums`), and sums add up:
 
-    gradient (mean)   dE/dW = (1/n) sum_k dE_k/dW           jax.lax.pmean   (each E_k a shard mean)
-    gradient (sum)    dE/dW = sum_k dE_k/dW                 jax.lax.psum
-    clipped sum       sum_b c_b g_b = sum_k sum_{b in k} c_b g_b    jax.lax.psum
+    loss and gradient sums   sum_b w_b e_b,  sum_b w_b c_b g_b  =  sum_k (the same over shard k)
 
-The L2 term ``l2 W`` does not depend on the data: it is added once, after the reduction. In
-DP-SGD every example is clipped on the device that holds it, the clipped sums are ``psum``-ed,
-and the Gaussian noise is drawn once from the caller's key on the reduced sum: the result is
-:func:`handbackprop.dp_grad`'s with the same key, up to the summation order's rounding.
+so :func:`sharded_sums`, the one wrapper, runs the one-device sums under ``jax.shard_map``
+and ``psum``-s them; :func:`handbackprop.backprop.finish` then divides by the batch, adds
+DP-SGD's noise (drawn once, from the caller's key, on the reduced sum) and the L2 term, once,
+as on one device. The ``sharded_*`` functions are thin uses of it: each equals its one-device
+counterpart up to the summation order's rounding. Every example is clipped on the device that
+holds it (its norm needs nothing from the others); a padded Poisson batch splits over the
+devices when its capacity is a multiple of their number (``dp.poisson_batch(multiple_of=)``).
 
 The same code runs on one host's devices (several GPUs, or CPU devices made with
 :func:`initialize`'s ``devices``) and on several processes (``jax.distributed``): the mesh
@@ -20,18 +22,17 @@ every process must make the same calls with the same values, as JAX's multi-cont
 model requires; :func:`replicate` and :func:`shard_batch` place host values on the mesh.
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from handbackprop import per_example as _per_example
-from handbackprop.backprop import add_l2_gradient, l2_penalty, value_and_backprop
+from handbackprop.backprop import (Sums, batch_sums, check_weights, divisor, finish,
+                                   finish_loss)
 from handbackprop.checks import check_int, check_key, check_scalar
 from handbackprop.dp import noisy_mean
 from handbackprop.mlp import MLP, check_x, check_y
+from handbackprop.per_example import ClippedGrad, clipped_sums
 
 AXIS = "data"  # the mesh axis the batch is split over
 
@@ -161,20 +162,67 @@ def shard_batch(tree, mesh):
     return _place(tree, NamedSharding(mesh, P(AXIS)))
 
 
-def _check_inputs(net, params, x, y, mesh):
-    """Global checks, before shard_map slices the batch: messages name the whole batch."""
+def sharded_sums(net: MLP, params, x, y, mesh, clip_norm=None, weights=None) -> Sums:
+    """A batch's sums (:class:`handbackprop.backprop.Sums`), the batch split over ``mesh``.
+
+    The one sharding wrapper: every device forms the sums of its B/n examples
+    (:func:`handbackprop.backprop.batch_sums`, or :func:`handbackprop.per_example.clipped_sums`
+    with ``clip_norm``), and one ``psum`` adds them up; :func:`handbackprop.backprop.finish`
+    then makes the gradient. Clipping needs nothing from other devices: each example's norm
+    is its own.
+
+    Args:
+      net: the network (static under ``jax.jit``).
+      params: its parameters, replicated (or placed by JAX).
+      x: inputs, (B, d0), B divisible by the mesh's device count.
+      y: labels for ``net.loss`` (see :func:`handbackprop.loss`).
+      mesh: a mesh with a ``"data"`` axis (:func:`data_parallel_mesh`), static under jit;
+        ``None``: the same sums on one device, unsharded.
+      clip_norm: ``None`` (unclipped), or C > 0: each example's gradient clipped to it.
+      weights: optional (B,), split like the batch (see
+        :func:`handbackprop.per_example.clipped_sums`), e.g. the mask of a padded Poisson
+        batch whose capacity is a multiple of the devices
+        (:func:`handbackprop.dp.poisson_batch` with ``multiple_of``).
+
+    Returns:
+      ``Sums(loss, grads, norms, dropped)``: ``loss``, ``grads`` and ``dropped`` replicated;
+      ``norms`` (B,) split over the mesh like the batch (``None`` unclipped, as ``dropped``).
+
+    Raises:
+      ValueError, TypeError: ``x: batch size 10 is not divisible by the 4 devices of the
+        mesh``, the checks of ``clip_norm`` and ``weights``, and of ``params``, ``x`` and
+        ``y`` against the whole batch, before any computation.
+    """
+    if clip_norm is not None:
+        check_scalar("clip_norm", clip_norm)
     x = check_x(net, params, x)
     y = check_y(net, x, y)
+    weights = check_weights(weights, x, unit=clip_norm is not None)
+    if clip_norm is None:
+        local = lambda params, x, y, weights, clip_norm: batch_sums(  # noqa: E731
+            net, params, x, y, weights)
+    else:
+        local = lambda params, x, y, weights, clip_norm: clipped_sums(  # noqa: E731
+            net, params, x, y, clip_norm, weights)
+    if mesh is None:
+        return local(params, x, y, weights, clip_norm)
     check_batch("x", x.shape[0], mesh)
-    return x, y
+
+    def shard(*args):  # this device's B/n examples
+        sums = local(*args)
+        total = jax.lax.psum((sums.loss, sums.grads, sums.dropped), AXIS)  # the one collective
+        return Sums(*total[:2], sums.norms, total[2])
+
+    specs = (P(), P(AXIS), P(AXIS), P(AXIS), P())
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs,
+                         out_specs=Sums(P(), P(), P(AXIS), P()))(params, x, y, weights, clip_norm)
 
 
 def sharded_value_and_backprop(net: MLP, params, x, y, mesh):
     """:func:`handbackprop.value_and_backprop` with the batch split over ``mesh``.
 
-    Each device runs the delta recursion on its B/n examples, without L2; the shards'
-    losses and gradients are combined by ``pmean`` (``reduction="mean"``: each shard's is a
-    mean over B/n) or ``psum`` (``"sum"``), and the L2 term is added once.
+    The loss and gradient sums of every device's B/n examples are ``psum``-ed
+    (:func:`sharded_sums`), then reduced and given their L2 term once, as on one device.
 
     Args:
       net: the network (static under ``jax.jit``).
@@ -199,17 +247,10 @@ def sharded_value_and_backprop(net: MLP, params, x, y, mesh):
       >>> jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
       True
     """
-    x, y = _check_inputs(net, params, x, y, mesh)
-    local = dataclasses.replace(net, l2=0.0)
-    reduce = jax.lax.pmean if net.reduction == "mean" else jax.lax.psum
-
-    def shard(params, x, y):  # this device's B/n examples
-        value, grads = value_and_backprop(local, params, x, y)
-        return reduce(value, AXIS), reduce(grads, AXIS)  # the one collective of the step
-
-    value, grads = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                                 out_specs=(P(), P()))(params, x, y)
-    return value + l2_penalty(net, params), add_l2_gradient(net, params, grads)
+    _check_mesh(mesh)
+    sums = sharded_sums(net, params, x, y, mesh)
+    n = divisor(net, np.shape(x)[0])
+    return finish_loss(net, params, sums.loss, n), finish(net, params, sums.grads, n)
 
 
 def sharded_backprop(net: MLP, params, x, y, mesh):
@@ -218,41 +259,34 @@ def sharded_backprop(net: MLP, params, x, y, mesh):
     return sharded_value_and_backprop(net, params, x, y, mesh)[1]
 
 
-def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> _per_example.ClippedGrad:
+def sharded_clipped_grad(net: MLP, params, x, y, clip_norm, mesh) -> ClippedGrad:
     """:func:`handbackprop.clipped_grad` with the batch split over ``mesh``.
 
-    Every device clips its own examples' gradients (their norms need nothing from other
-    devices) and forms their clipped sum; the sums are ``psum``-ed.
+    Every device clips its own examples' gradients and forms their clipped sum; the sums are
+    ``psum``-ed (:func:`sharded_sums`).
 
     Args:
       net, params, x, y, clip_norm: as for :func:`handbackprop.clipped_grad`.
       mesh: a mesh with a ``"data"`` axis; static under jit.
 
     Returns:
-      A :class:`handbackprop.ClippedGrad` ``(sum, mean, norms)``: ``sum`` and ``mean``
-      replicated, ``norms`` (B,) split over the mesh like the batch.
+      A :class:`handbackprop.ClippedGrad` ``(sum, mean, norms, dropped)``: ``sum``, ``mean``
+      and ``dropped`` replicated, ``norms`` (B,) split over the mesh like the batch.
 
     Raises:
       ValueError: as :func:`sharded_value_and_backprop`, and for a bad ``clip_norm``.
     """
     check_scalar("clip_norm", clip_norm)
-    x, y = _check_inputs(net, params, x, y, mesh)
-
-    def shard(params, x, y, clip_norm):
-        clipped = _per_example.clipped_grad(net, params, x, y, clip_norm)
-        return jax.lax.psum(clipped.sum, AXIS), clipped.norms
-
-    total, norms = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
-                                 out_specs=(P(), P(AXIS)))(params, x, y, clip_norm)
-    mean = jax.tree.map(lambda g: g / x.shape[0], total)
-    return _per_example.ClippedGrad(total, mean, norms)
+    _check_mesh(mesh)
+    sums = sharded_sums(net, params, x, y, mesh, clip_norm)
+    return ClippedGrad.from_sums(sums, params, np.shape(x)[0])
 
 
 def sharded_dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier, mesh):
     """:func:`handbackprop.dp_grad` with the batch split over ``mesh``.
 
-    The clipped sum comes from :func:`sharded_clipped_grad`; the noise is drawn once, from
-    ``key``, on the reduced sum (every device draws the same numbers), so the result equals
+    The clipped sum comes from :func:`sharded_sums`; the noise is drawn once, from ``key``,
+    on the reduced sum (every device draws the same numbers), so the result equals
     :func:`handbackprop.dp_grad` with the same key up to the summation order's rounding.
 
     Args:
@@ -262,7 +296,9 @@ def sharded_dp_grad(net: MLP, params, x, y, key, clip_norm, noise_multiplier, me
     Returns:
       A tuple like ``params``, replicated.
     """
+    check_scalar("clip_norm", clip_norm)
     check_scalar("noise_multiplier", noise_multiplier, strict=False)
     check_key(key)
-    clipped = sharded_clipped_grad(net, params, x, y, clip_norm, mesh)
-    return noisy_mean(net, params, clipped.sum, x.shape[0], key, clip_norm, noise_multiplier)
+    _check_mesh(mesh)
+    sums = sharded_sums(net, params, x, y, mesh, clip_norm)
+    return noisy_mean(net, params, sums.grads, np.shape(x)[0], key, clip_norm, noise_multiplier)

@@ -10,9 +10,13 @@ product, so every per-example quantity is one cheap expression of the two:
     sum of squares         sum_b g_b(W^(l))^2   = (X^(l-1) * X^(l-1))T (D^(l) * D^(l))
 
 Only :func:`per_example_grads` forms the B gradients; the others need the activations and
-deltas of a plain backward pass plus O(B) numbers per layer. Per-example gradients are those
-of each example's own loss e_b: unreduced (no 1/B, whatever ``net.reduction``) and without
-the L2 term, which is data-independent. ``mean(g_b) + l2 W`` is the batch gradient of a
+deltas of a plain backward pass plus O(B) numbers per layer. Norms are computed with scaling
+(a finite gradient beyond the square root of the float range is still measured and clipped);
+an example whose gradient is not finite is left out of a clipped sum and counted.
+:func:`clipped_sums` is the clipped form of :func:`handbackprop.backprop.batch_sums`, the
+sums that :func:`handbackprop.backprop.finish` (and DP-SGD's noise) turn into a gradient.
+Per-example gradients are those of each example's own loss e_b: unreduced (no 1/B, whatever
+``net.reduction``) and without the L2 term, which is data-independent. ``mean(g_b) + l2 W`` is the batch gradient of a
 ``reduction="mean"`` network.
 """
 
@@ -23,29 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from handbackprop.backprop import backprop, delta_recursion
+from handbackprop.backprop import (Sums, backprop, check_weights, example_losses,
+                                   forward_backward, gradient_sums, like_params, weighted_sum)
 from handbackprop.checks import check_scalar
-from handbackprop.mlp import MLP, check_x, check_y, forward_cache
+from handbackprop.mlp import MLP, check_x, check_y
 
 METHODS = ("outer", "vmap")
-
-
-def _inputs_and_deltas(net: MLP, params, x, y):
-    """One forward and one backward pass: ``(x^(0..L-1), delta^(1..L))``, each (B, d).
-
-    The deltas are per example: scale 1, so ``delta_b`` is d e_b / d S_b, not of the mean.
-    """
-    cache = forward_cache(net, params, x)
-    ds = delta_recursion(net, params, cache, check_y(net, cache.xs[0], y))
-    return cache.xs[:-1], ds
-
-
-def _batch_sums(net: MLP, xs, ds):
-    """Per layer ``X^T D`` and ``sum_b D_b``: the gradient (3.6) summed over the batch."""
-    out = []
-    for a, d in zip(xs, ds):
-        out.append({"w": a.T @ d, "b": jnp.sum(d, axis=0)} if net.bias else {"w": a.T @ d})
-    return tuple(out)
 
 
 def _safe_sqrt(sq):
@@ -54,13 +41,44 @@ def _safe_sqrt(sq):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1)), 0)
 
 
-def _norms(net: MLP, xs, ds):
-    """||g_b|| = sqrt(sum_l ||delta_b^(l)||^2 (||x_b^(l-1)||^2 + [bias])), shape (B,)."""
-    sq = sum(
-        jnp.sum(d * d, axis=1) * (jnp.sum(a * a, axis=1) + (1.0 if net.bias else 0.0))
-        for a, d in zip(xs, ds)
-    )
-    return _safe_sqrt(sq)
+def _scaled(v, one):
+    """Per row, ``(m, u)`` with ``sqrt(||v_b||^2 + one) = m_b u_b`` and ``u_b`` in
+    ``[1, sqrt(d + 1)]`` (or 0), so that neither overflows: ``m_b = max|v_b|`` (at least 1
+    where ``one`` is 1). A NaN or Inf entry makes ``m_b`` non-finite."""
+    m = jnp.max(jnp.abs(v), axis=1)
+    if one:
+        m = jnp.maximum(m, 1.0)
+    safe = jnp.where(m > 0, m, 1)[:, None]
+    return m, _safe_sqrt(jnp.sum((v / safe) ** 2, axis=1) + one / safe[:, 0] ** 2)
+
+
+def _norm_parts(net: MLP, xs, ds):
+    """``||g_b|| = S_b R_b`` from the closed form, without overflow, and whether g_b is finite.
+
+    Per layer, ``||g_b(layer l)|| = ||delta_b^(l)|| sqrt(||x_b^(l-1)||^2 + [bias])``, each
+    factor computed as (max entry) x (a bounded norm), as LAPACK's ``nrm2`` does: a finite
+    gradient whose squared norm exceeds the float range (a norm above about 1.8e19 in
+    float32) is still measured. ``S_b`` is the largest layer scale, ``R_b`` bounded.
+
+    Returns:
+      ``(S, R, finite)``, each (B,): ``finite`` is False where some entry of g_b (some
+      ``x_bi delta_bj``, or ``delta_bj``) is NaN or Inf; S and R are meaningless there.
+    """
+    scales, rests = [], []
+    for a, d in zip(xs, ds):
+        md, ud = _scaled(d, 0.0)
+        mx, ux = _scaled(a, 1.0 if net.bias else 0.0)
+        scales.append(md * mx)  # the largest |x_bi delta_bj| (or |delta_bj|): Inf on overflow
+        rests.append(ud * ux)
+    scales = jnp.stack(scales)  # (L, B)
+    s = jnp.max(scales, axis=0)  # NaN propagates
+    safe = jnp.where(s > 0, s, 1)
+    r = _safe_sqrt(sum((sl / safe * rl) ** 2 for sl, rl in zip(scales, rests)))
+    return s, r, jnp.isfinite(s) & jnp.isfinite(r)
+
+
+def _norms(s, r, finite):
+    return jnp.where(finite, s * r, jnp.nan)
 
 
 def per_example_grads(net: MLP, params, x, y, method: str = "outer"):
@@ -100,12 +118,12 @@ def per_example_grads(net: MLP, params, x, y, method: str = "outer"):
         # One example's loss, alone: a sum over a batch of one, without the L2 term.
         single = dataclasses.replace(net, l2=0.0, reduction="sum")
         return jax.vmap(lambda xb, yb: backprop(single, params, xb[None], yb[None]))(x, y)
-    xs, ds = _inputs_and_deltas(net, params, x, y)
+    cache, _, ds = forward_backward(net, params, x, y)
     out = []
-    for a, d in zip(xs, ds):
+    for a, d in zip(cache.xs[:-1], ds):
         w = jnp.einsum("bi,bj->bij", a, d)  # (3.6) per example: x_i^(l-1) delta_j^(l)
         out.append({"w": w, "b": d} if net.bias else {"w": w})
-    return tuple(out)
+    return like_params(tuple(out), params)
 
 
 def per_example_grad_norms(net: MLP, params, x, y):
@@ -133,7 +151,8 @@ def per_example_grad_norms(net: MLP, params, x, y):
       >>> hbp.per_example_grad_norms(net, params, x, jnp.zeros((2, 2))).shape
       (2,)
     """
-    return _norms(net, *_inputs_and_deltas(net, params, x, y))
+    cache, _, ds = forward_backward(net, params, x, y)
+    return _norms(*_norm_parts(net, cache.xs[:-1], ds))
 
 
 class ClippedGrad(NamedTuple):
@@ -142,23 +161,80 @@ class ClippedGrad(NamedTuple):
     Attributes:
       sum: ``sum_b c_b g_b``, a tuple like ``params``.
       mean: ``sum / B``, a tuple like ``params``. Neither includes the L2 term.
-      norms: ``||g_b||`` before clipping, shape (B,), e.g. to monitor how often it clips.
+      norms: ``||g_b||`` before clipping, shape (B,), e.g. to monitor how often it clips;
+        NaN for an example whose gradient is not finite.
+      dropped: how many examples (of weight > 0) had a non-finite gradient (a NaN or Inf
+        entry) and so contribute nothing, an int32 scalar.
     """
 
     sum: Any
     mean: Any
     norms: Any
+    dropped: Any = None
+
+    @classmethod
+    def from_sums(cls, sums: Sums, params, batch: int) -> "ClippedGrad":
+        """From clipped :class:`handbackprop.backprop.Sums` of a batch of ``batch``."""
+        total = like_params(sums.grads, params)
+        mean = like_params(jax.tree.map(lambda g: g / batch, sums.grads), params)
+        return cls(total, mean, sums.norms, sums.dropped)
+
+
+def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
+    """A batch's sums with each example's gradient clipped: ``sum_b w_b c_b g_b``.
+
+    ``c_b = min(1, C / ||g_b||)`` (1 at ``g_b = 0``), applied to the deltas, so the clipped
+    sum is ``X^(l-1)T (w c D^(l))`` per layer: one backward pass, no per-example gradients
+    in memory. An example whose gradient is not finite gets ``c_b = 0``: it contributes
+    nothing (rather than making the whole sum NaN) and is counted in ``dropped``.
+
+    Args:
+      net: the network (static under ``jax.jit``); neither ``reduction`` nor ``l2`` apply.
+      params: its parameters.
+      x: inputs, (B, d0).
+      y: labels for ``net.loss``.
+      clip_norm: the bound C > 0, a scalar (checked like :func:`clipped_grad`'s).
+      weights: optional (B,) in [0, 1] (see :func:`clipped_grad`).
+
+    Returns:
+      :class:`handbackprop.backprop.Sums` ``(loss, grads, norms, dropped)``: ``loss`` is
+      ``sum_b w_b e_b`` (unclipped, non-finite if an example's is), ``norms`` (B,).
+    """
+    check_scalar("clip_norm", clip_norm)
+    weights = check_weights(weights, x, unit=True)
+    cache, y, ds = forward_backward(net, params, x, y)
+    xs = cache.xs[:-1]
+    s, r, finite = _norm_parts(net, xs, ds)
+    clip = jnp.asarray(clip_norm, s.dtype)
+    # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
+    c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
+    keep = finite
+    if weights is not None:
+        w = weights.astype(c.dtype)
+        # A traced weight outside [0, 1] (or NaN) would break the bound C: NaN, not a number.
+        c = jnp.where((w >= 0) & (w <= 1), c * w, jnp.nan)
+        dropped = jnp.sum(~finite & (weights != 0), dtype=jnp.int32)
+    else:
+        dropped = jnp.sum(~finite, dtype=jnp.int32)
+    keep = keep[:, None]
+    # Zero the rows of non-finite examples (0 * Inf would be NaN), then X^T (c * D).
+    xs = tuple(jnp.where(keep, a, 0) for a in xs)
+    ds = tuple(jnp.where(keep, c[:, None] * d, 0) for d in ds)
+    loss = weighted_sum(example_losses(net, cache, y), weights)
+    return Sums(loss, gradient_sums(net, xs, ds), _norms(s, r, finite), dropped)
 
 
 def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad:
     """The sum and mean of per-example gradients, each first scaled to norm <= ``clip_norm``.
 
-    Each example's gradient is scaled by ``c_b = clip_norm / max(||g_b||, clip_norm)``
-    (``= min(1, clip_norm / ||g_b||)``, with no division by zero at ``g_b = 0``); the scaled
-    sum is formed in the same pass as ``X^(l-1)T (c * D^(l))`` per layer: no second backward
-    pass and no per-example gradients in memory. ``net.reduction`` does not apply (both sum
-    and mean are returned), nor does ``net.l2``: the L2 gradient ``l2 W`` is data-independent,
-    so it is added after clipping (and after noise, in DP-SGD), not clipped.
+    Each example's gradient is scaled by ``c_b = min(1, clip_norm / ||g_b||)`` (no division
+    by zero at ``g_b = 0``; norms computed with scaling, so a huge finite gradient is clipped
+    too); the scaled sum is formed in the same pass as ``X^(l-1)T (c * D^(l))`` per layer: no
+    second backward pass and no per-example gradients in memory. An example whose gradient
+    has a NaN or Inf entry contributes nothing and is counted in ``dropped``; its norm is
+    NaN. ``net.reduction`` does not apply (both sum and mean are returned), nor does
+    ``net.l2``: the L2 gradient ``l2 W`` is data-independent, so it is added after clipping
+    (and after noise, in DP-SGD), not clipped.
 
     Args:
       net: the network (static under ``jax.jit``).
@@ -168,16 +244,20 @@ def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad
       clip_norm: the bound C > 0, a scalar. Checked at trace time when concrete; when traced
         (a non-static argument of a jitted caller) only its shape and dtype are checked: pass
         it as static to have its value checked.
-      weights: optional, shape (B,): example b's clipped gradient counts ``weights[b]`` times
-        in the sum, e.g. a boolean mask of the real examples in a padded batch. The mean still
-        divides by B.
+      weights: optional, shape (B,), each in [0, 1]: example b's clipped gradient counts
+        ``weights[b]`` times in the sum, e.g. a boolean mask of the real examples in a
+        padded batch (so one example still moves the sum by at most C). The mean still
+        divides by B. Concrete weights are checked; traced ones outside [0, 1] or NaN make
+        the result NaN.
 
     Returns:
-      A :class:`ClippedGrad` ``(sum, mean, norms)``, in the parameters' dtype.
+      A :class:`ClippedGrad` ``(sum, mean, norms, dropped)``, ``sum`` and ``mean`` in the
+      parameters' dtypes.
 
     Raises:
-      ValueError: ``clip_norm: expected a positive finite number, got -1.0``, and the checks
-        of ``params``, ``x`` and ``y``, all before any computation.
+      ValueError: ``clip_norm: expected a positive finite number, got -1.0``,
+        ``weights: expected numbers in [0, 1], got 2.0 at index 0``, and the checks of
+        ``params``, ``x`` and ``y``, all before any computation.
 
     Example:
       >>> import jax, jax.numpy as jnp, handbackprop as hbp
@@ -189,21 +269,11 @@ def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad
       True
       >>> float(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(g.sum))) ** 0.5 <= 5.0
       True
+      >>> int(g.dropped)
+      0
     """
-    check_scalar("clip_norm", clip_norm)
-    batch = np.shape(x)[:1]
-    if weights is not None and np.shape(weights) != batch:
-        raise ValueError(f"weights: expected shape {batch}, one per example of x, "
-                         f"got shape {np.shape(weights)}")
-    xs, ds = _inputs_and_deltas(net, params, x, y)
-    norms = _norms(net, xs, ds)
-    clip = jnp.asarray(clip_norm, norms.dtype)
-    c = clip / jnp.maximum(norms, clip)  # min(1, C / ||g_b||), safe where ||g_b|| = 0
-    if weights is not None:
-        c = c * jnp.asarray(weights, c.dtype)
-    total = _batch_sums(net, xs, tuple(c[:, None] * d for d in ds))  # X^T (c * D)
-    mean = jax.tree.map(lambda g: g / xs[0].shape[0], total)
-    return ClippedGrad(total, mean, norms)
+    sums = clipped_sums(net, params, x, y, clip_norm, weights)
+    return ClippedGrad.from_sums(sums, params, np.shape(x)[0])
 
 
 class GradientStats(NamedTuple):
@@ -247,9 +317,9 @@ def gradient_stats(net: MLP, params, x, y) -> GradientStats:
       >>> bool(jnp.allclose(stats.variance[1]["w"], 0.0, atol=1e-5))  # up to float32 rounding
       True
     """
-    xs, ds = _inputs_and_deltas(net, params, x, y)
-    n = xs[0].shape[0]
-    mean = _batch_sums(net, xs, tuple(d / n for d in ds))
-    sum_squares = _batch_sums(net, tuple(a * a for a in xs), tuple(d * d for d in ds))
+    cache, _, ds = forward_backward(net, params, x, y)
+    xs, n = cache.xs[:-1], cache.xs[0].shape[0]
+    mean = gradient_sums(net, xs, tuple(d / n for d in ds))
+    sum_squares = gradient_sums(net, tuple(a * a for a in xs), tuple(d * d for d in ds))
     variance = jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0), sum_squares, mean)
-    return GradientStats(mean, sum_squares, variance)
+    return GradientStats(*(like_params(t, params) for t in (mean, sum_squares, variance)))

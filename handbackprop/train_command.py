@@ -10,6 +10,10 @@ resumed from the checkpoint of epoch k continues with the saved settings (data s
 network, optimiser, batch size, seed, dtype) and gives bit for bit the uninterrupted run;
 ``--epochs`` is the total to reach.
 
+Exit status: 0 on success; 2 for bad input (one line on stderr, before any training, output
+paths included); 1 if the gradient check fails or the run diverges (its ``--json`` results
+then hold ``null`` for the NaN or infinite numbers, and ``"diverged": true``).
+
 DP-SGD (each example's gradient clipped to norm C, Gaussian noise of standard deviation
 SIGMA * C added to each mini-batch's clipped sum, then divided by the batch size):
 
@@ -29,11 +33,13 @@ prints, saves and plots.
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import pathlib
 import sys
+import tempfile
 import time
 
 # Settings a checkpoint fixes (a resumed run takes them from it), and their defaults.
@@ -51,6 +57,13 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
         return value
     return parse
+
+
+def _seed(text):
+    value = int(text)
+    if not -2**63 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an int64 seed, got {text}")
+    return value
 
 
 def _sizes(text):
@@ -84,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nesterov", action="store_true", default=None,
                    help="Nesterov momentum (needs --momentum > 0)")
     p.add_argument("--l2", type=float, help="L2 penalty lambda: (lambda/2) sum ||W||^2 (default 0)")
-    p.add_argument("--seed", type=int, help="seeds the initialisation and the shuffles (default 0)")
+    p.add_argument("--seed", type=_seed, help="seeds the initialisation and the shuffles (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="parameters' dtype (default float32)")
     p.add_argument("--plot", metavar="PATH", help="save loss and metric curves to this PNG")
@@ -188,16 +201,103 @@ def main(args) -> int:
     from handbackprop import checkpoint, parallel
 
     try:
+        _require_extra(args)
+        _check_outputs(args)
         with _native_stdout_to_stderr(args.json and args.coordinator is not None) as json_out:
             # Devices and processes first: JAX fixes them when it starts, at its first computation.
             parallel.initialize(args.devices, args.coordinator, args.num_processes, args.process_id)
             header = checkpoint.read_metadata(args.resume) if args.resume else None
-            saved = header["metadata"].get("settings", {}) if header else {}
+            saved = _saved_settings(args.resume, header) if header else {}
             settings = _settings(args, saved)
             return _run(args, settings, header, json_out)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: a missing extra
         print(f"handbackprop train: error: {e}", file=sys.stderr)
         return 2
+
+
+def _require_extra(args):
+    """The packages the command needs beyond the core ones, before any work: one line naming
+    the extra that brings them, not a ``ModuleNotFoundError`` at the first epoch."""
+    for module in ["tqdm"] + (["matplotlib"] if args.plot else []):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ValueError(f"the train command needs {module!r}, which comes with the train "
+                             f"extra: pip install \"handbackprop[train]\"") from None
+
+
+def _check_outputs(args):
+    """Each output file can be written, checked before any training time is spent: its folder
+    exists and takes a new file, and the path is not a folder."""
+    for option, path in (("--save", args.save), ("--plot", args.plot)):
+        if not path:
+            continue
+        path = pathlib.Path(path)
+        if path.is_dir():
+            raise ValueError(f"{option}: {path} is a folder, expected a file path")
+        if not path.resolve().parent.is_dir():
+            raise ValueError(f"{option}: folder {path.parent} does not exist")
+        try:  # the real test: permissions, read-only mounts, quotas, names the system refuses
+            with tempfile.TemporaryFile(dir=path.resolve().parent):
+                pass
+            if path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is read-only")
+        except OSError as e:
+            raise ValueError(f"{option}: cannot write to {path}: {e.strerror or e}") from None
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each saved setting must be, for a resumed run to trust its checkpoint's settings.
+_SETTING_CHECKS = {
+    "dataset": (lambda v: isinstance(v, str), "a data set name or path"),
+    "task": (lambda v: v in (None, "classification", "regression"), "None or a task"),
+    "sizes": (lambda v: v is None or isinstance(v, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v), "a list of ints > 0"),
+    "activation": (lambda v: isinstance(v, str), "an activation name"),
+    "loss": (lambda v: v is None or isinstance(v, str), "a loss name"),
+    "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an int > 0"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "momentum": (lambda v: _is_number(v), "a number"),
+    "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "l2": (lambda v: _is_number(v), "a number"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63,
+             "an int64"),
+    "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "dp_clip": (lambda v: v is None or _is_number(v) and v > 0, "None or a number > 0"),
+    "dp_noise": (lambda v: v is None or _is_number(v), "None or a number"),
+    "dp_sampling": (lambda v: v in ("shuffle", "poisson"), "shuffle or poisson"),
+}
+
+
+def _saved_settings(path, header) -> dict:
+    """A checkpoint's saved settings, each checked: a tampered or foreign file is refused in
+    one line rather than failing somewhere in training."""
+    from handbackprop.checkpoint import CheckpointError
+
+    saved = header["metadata"].get("settings", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: settings: expected a dict, got {type(saved).__name__}")
+    for k, v in saved.items():
+        check, want = _SETTING_CHECKS.get(k, (None, None))
+        if check is None:
+            raise CheckpointError(f"{path}: settings: unknown setting {k!r}")
+        if not check(v):
+            raise CheckpointError(f"{path}: settings: {k}: expected {want}, got {v!r}")
+    return saved
+
+
+def _finite_or_none(tree):
+    """The results with NaN and infinities as ``None``: JSON has no token for them."""
+    if isinstance(tree, dict):
+        return {k: _finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_finite_or_none(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
 
 
 @contextlib.contextmanager
@@ -239,9 +339,6 @@ def _run(args, settings, header, json_out) -> int:
         mesh = parallel.data_parallel_mesh(devices * jax.process_count())
     if jax.process_index() != 0:  # process 0 reports and writes files; the others only train
         args.save = args.plot = None
-    for option, path in (("--save", args.save), ("--plot", args.plot)):
-        if path and not pathlib.Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{option}: folder {pathlib.Path(path).parent} does not exist")
     if s["dtype"] == "float64":
         jax.config.update("jax_enable_x64", True)
     out = sys.stderr if args.json else sys.stdout
@@ -257,6 +354,9 @@ def _run(args, settings, header, json_out) -> int:
         raise ValueError("--dp-sampling: poisson is not implemented across several devices or "
                          "processes; use --dp-sampling shuffle")
     ds = data.load(s["dataset"], task=s["task"])
+    if s["task"] is None and pathlib.Path(s["dataset"]).suffix in (".npz", ".csv"):
+        kind = f"classification, {len(ds.classes)} classes" if ds.classes else "regression"
+        print(f"{s['dataset']}: {kind}, inferred from y (--task to choose)", file=out)
     loss = s["loss"] or ds.default_loss
     sizes = s["sizes"] or [ds.num_features, *HIDDEN, ds.num_outputs(loss)]
     net = MLP(tuple(sizes), activation=s["activation"], loss=loss, l2=s["l2"])
@@ -322,13 +422,27 @@ def _run(args, settings, header, json_out) -> int:
     if dp is not None:
         results["privacy"] = _privacy(dp, s["batch_size"], len(train_data[0]), args.epochs,
                                       args.dp_delta, out)
+    plot_error = None
     if args.plot:
-        _plot(args.plot, history, metric)
-        print(f"curves saved to {args.plot}", file=out)
+        try:  # checked writable at the start; whatever still fails must not lose the results
+            _plot(args.plot, history, metric)
+            print(f"curves saved to {args.plot}", file=out)
+        except (OSError, ValueError, RuntimeError) as e:
+            plot_error = f"--plot: could not write {args.plot}: {e}"
+    diverged = not all(math.isfinite(v) for v in results["train"].values())
     if args.json:
         check = {"max_relative_difference": rel, "tolerance": tol, "ok": True}
         trained_on = jax.tree.leaves(state.params)[0].sharding.device_set  # the mesh's, or one
         devices = {"devices": len(trained_on), "processes": jax.process_count()}
-        print(json.dumps({"settings": s, "epochs": args.epochs, "gradient_check": check, **devices,
-                          "train_seconds": seconds, **results, "history": history}), file=json_out)
+        print(json.dumps(_finite_or_none({
+            "settings": s, "epochs": args.epochs, "gradient_check": check, **devices,
+            "train_seconds": seconds, "diverged": diverged, **results, "history": history}),
+            allow_nan=False), file=json_out)
+    if plot_error:
+        print(f"handbackprop train: error: {plot_error}", file=sys.stderr)
+        return 2
+    if diverged:
+        print(f"handbackprop train: the run diverged (train loss {results['train']['loss']}); "
+              "try a smaller --lr", file=sys.stderr)
+        return 1
     return 0

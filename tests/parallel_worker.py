@@ -89,6 +89,15 @@ def checks(out):
         out["dp"] = (hbp.sharded_dp_grad(net, params, x, y, key, clip_norm, 1.1, mesh4),
                      hbp.dp_grad(net, params, x, y, key, clip_norm, 1.1))
         out["dp_other_key"] = hbp.dp_grad(net, params, x, y, other_key, clip_norm, 1.1)
+        # Poisson DP-SGD: a padded batch of expected size 12, capacity a multiple of 4.
+        idx, mask = hbp.dp.poisson_batch(other_key, 32, 12, multiple_of=4)
+        xb, yb = x[idx], y[idx]
+        sums = parallel.sharded_sums(net, params, xb, yb, mesh4, clip_norm, mask)
+        single = hbp.clipped_grad(net, params, xb, yb, clip_norm, weights=mask)
+        out["poisson"] = tuple((hbp.noisy_mean(net, params, total, 12, key, clip_norm, 1.1), n)
+                               for total, n in ((sums.grads, sums.dropped),
+                                                (single.sum, single.dropped)))
+        out["poisson_mask"] = mask
         out["clipped_fraction"] = jnp.mean(out["clip"][0].norms > clip_norm)
         return out
 
@@ -108,7 +117,7 @@ def checks(out):
             if with_dp:  # a mesh of 2 of the 4 devices: its own program (one mesh per jit)
                 res["grad2"] = (jax.jit(hbp.sharded_value_and_backprop, static_argnums=(0, 4))(
                     net, params, x, y, mesh2), res["grad"][1])
-            for what in ("grad", "grad2", "clip", "dp"):
+            for what in ("grad", "grad2", "clip", "dp", "poisson"):
                 if what in res:
                     record(f"{what}/{case}", *res[what])
             meta[f"shardings/{case}"] = {
@@ -119,7 +128,9 @@ def checks(out):
                 norms = res["clip"][0].norms
                 meta[f"shardings/{case}"].update(
                     norms=str(norms.sharding.spec), norms_devices=len(norms.sharding.device_set),
-                    clipped_fraction=float(res["clipped_fraction"]))
+                    clipped_fraction=float(res["clipped_fraction"]),
+                    poisson_capacity=len(res["poisson_mask"]),
+                    poisson_count=int(res["poisson_mask"].sum()))
     for dtype in ("float32", "float64"):
         net, opt, data = problem(dtype)
         state, history = hbp.fit(net, opt, data, epochs=3, batch_size=16, key=jax.random.key(0),

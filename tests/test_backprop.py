@@ -9,6 +9,7 @@ cbrt(eps) max(1, |w|) ~ 6e-6 carry truncation h^2 |f'''| / 6 plus round-off eps 
 larger third derivatives of deep or saturated networks, and would still catch any wrong term.
 """
 
+import importlib
 import itertools
 
 import jax
@@ -21,6 +22,8 @@ from conftest import ACTIVATIONS, LOSSES, assert_trees_close, make_problem
 import handbackprop as hbp
 from reference import backprop as ref
 from reference import finite_diff as ref_fd
+
+backprop_module = importlib.import_module("handbackprop.backprop")  # hbp.backprop is the function
 
 EXACT64 = dict(rtol=1e-10, atol=1e-12)
 FD64 = dict(rtol=1e-6, atol=1e-7)
@@ -216,3 +219,37 @@ def test_naive_forward_differences_agree_to_first_order():
     numeric = ref_fd.forward_difference_gradient(
         lambda p: ref.loss(p, x, y, **_reference_args(net)), params, h=1e-7)
     assert_trees_close(hbp.backprop(net, params, x, y), numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_keep_mixed_parameter_dtypes():
+    """A float32 layer and a bfloat16 layer: each gradient leaf keeps its parameter's dtype
+    (before, all came back float32). The computation runs in float32 either way (bfloat16
+    promotes exactly), so the values are those of the float32 parameters cast leaf by leaf."""
+    net = hbp.MLP((3, 4, 2), activation="tanh", loss="softmax_cross_entropy", l2=0.1)
+    params, x, y = make_problem(net, 5)
+    mixed = (jax.tree.map(lambda a: a.astype(jnp.float32), params[0]),
+             jax.tree.map(lambda a: a.astype(jnp.bfloat16), params[1]))
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), mixed)
+    dtypes = jax.tree.map(lambda a: a.dtype, mixed)
+    mesh = hbp.data_parallel_mesh(1)
+    for f in (lambda p: hbp.value_and_backprop(net, p, x, y)[1],
+              lambda p: hbp.sharded_backprop(net, p, x, y, mesh)):
+        got, want = f(mixed), f(wide)
+        assert jax.tree.map(lambda a: a.dtype, got) == dtypes
+        assert_trees_close(got, jax.tree.map(lambda w, d: w.astype(d), want, dtypes),
+                           rtol=0, atol=0)
+
+
+def test_weighted_sums_are_the_subset_and_finish_reduces_once():
+    """batch_sums with 0/1 weights is the sum over the chosen examples, even when an unchosen
+    one is NaN (weight 0 adds exactly 0); finish divides by the reduction's divisor and adds
+    l2 W once, giving backprop of the chosen examples."""
+    net = hbp.MLP((3, 4, 2), activation="tanh", l2=0.1)
+    params, x, y = make_problem(net, 6, seed=3)
+    w = jnp.array([1, 0, 1, 1, 0, 1])
+    chosen = np.flatnonzero(np.asarray(w))
+    sums = backprop_module.batch_sums(net, params, x.at[1].set(jnp.nan), y, weights=w)
+    alone = backprop_module.batch_sums(net, params, x[chosen], y[chosen])
+    assert_trees_close(sums, alone, **EXACT64)
+    finished = backprop_module.finish(net, params, sums.grads, len(chosen))
+    assert_trees_close(finished, hbp.backprop(net, params, x[chosen], y[chosen]), **EXACT64)

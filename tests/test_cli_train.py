@@ -118,3 +118,90 @@ def test_help_explains_every_option(capsys):
                    "--lr", "--momentum", "--l2", "--seed", "--dtype", "--plot", "--save",
                    "--resume", "--json"):
         assert option in text
+
+
+def _one_line_error(rc, out, err, message):
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and "gradient check" not in out + err  # before any work
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: ["--plot", str(d)], "--plot: {d} is a folder, expected a file path"),
+    (lambda d: ["--save", str(d)], "--save: {d} is a folder"),
+    (lambda d: ["--save", "/proc/run.npz"], "--save: cannot write to /proc/run.npz"),
+    (lambda d: ["--plot", str(d / "file.txt" / "c.png")], "--plot: folder {d}/file.txt does not exist"),
+    (lambda d: ["--seed", str(2**64)], None),
+])
+def test_outputs_and_seed_are_checked_before_training(capsys, tmp_path, make, message):
+    (tmp_path / "file.txt").write_text("")
+    argv = ["train", *XOR, "--epochs", "1", *make(tmp_path)]
+    if message is None:  # the parser's one line
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert f"argument --seed: expected an int64 seed, got {2**64}" in capsys.readouterr().err
+        return
+    _one_line_error(*_run(capsys, *argv), message.format(d=tmp_path))
+
+
+def test_a_failed_plot_keeps_the_json(capsys, tmp_path, monkeypatch):
+    from handbackprop import train_command
+
+    def broken(path, history, metric):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_command, "_plot", broken)
+    rc, out, err = _run(capsys, *XOR, "--epochs", "1", "--json", "--plot", str(tmp_path / "c.png"))
+    assert json.loads(out)["history"]["epoch"] == [1]  # the results are not lost
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and errors == [f"handbackprop train: error: --plot: could not write "
+                                  f"{tmp_path / 'c.png'}: [Errno 28] No space left on device"]
+
+
+def test_a_diverged_run_gives_valid_json_with_null(capsys):
+    rc, out, err = _run(capsys, *XOR, "--epochs", "1", "--lr", "1e6", "--json")
+    result = json.loads(out)  # strict JSON: no NaN tokens
+    assert rc == 1 and result["diverged"] is True and result["train"]["loss"] is None
+    assert "NaN" not in out and "the run diverged" in err
+
+
+def test_a_missing_extra_is_named(capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if not installed: import raises
+    _one_line_error(*_run(capsys, *XOR, "--epochs", "1"),
+                    "needs 'tqdm', which comes with the train extra: pip install \"handbackprop[train]\"")
+
+
+@pytest.fixture(scope="module")
+def xor_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "run.npz"
+    assert cli.main([*XOR, "--epochs", "1", "--save", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("settings, message", [
+    ([1, 2], "settings: expected a dict, got list"),
+    ({"batch_size": 0}, "settings: batch_size: expected an int > 0, got 0"),
+    ({"lr": "0.1"}, "settings: lr: expected a number > 0, got '0.1'"),
+    ({"seed": 2**70}, "settings: seed: expected an int64"),
+    ({"epochs": 3}, "settings: unknown setting 'epochs'"),
+])
+def test_tampered_settings_are_refused(capsys, tmp_path, xor_checkpoint, settings, message):
+    with np.load(xor_checkpoint) as f:
+        arrays = {k: f[k] for k in f.files}
+    header = json.loads(str(arrays["header"]))
+    meta = header["metadata"]
+    meta["settings"] = settings if isinstance(settings, list) else {**meta["settings"], **settings}
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(tmp_path / "t.npz", **arrays)
+    _one_line_error(*_run(capsys, "--resume", str(tmp_path / "t.npz"), "--epochs", "2"), message)
+
+
+def test_an_inferred_task_is_said(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([rng.standard_normal((60, 2)), np.arange(60) % 3]),
+               delimiter=",")
+    # Said as the data is loaded; the oversized batch then stops the run before any training.
+    rc, out, err = _run(capsys, "--dataset", str(tmp_path / "d.csv"), "--batch-size", "100")
+    assert rc == 2 and "--batch-size: expected at most the 48" in err
+    assert f"{tmp_path / 'd.csv'}: classification, 3 classes, inferred from y (--task to choose)" in out

@@ -197,3 +197,31 @@ def test_epsilon_errors():
     ]:
         with pytest.raises(error, match=msg):
             hbp.dp_epsilon(**{**good, **bad})
+
+
+def test_noisy_mean_and_tree_normal_check_their_arguments():
+    """noisy_mean checked nothing: batch -2 flipped the step, 0 gave Inf; tree_normal(key, ())
+    failed inside jax.random. Now each is a clear error naming the argument."""
+    params, x, y = make_problem(NET, 3)
+    key, total = jax.random.key(0), hbp.clipped_grad(NET, params, x, y, 1.0).sum
+    good = dict(clipped_sum=total, batch=3, key=key, clip_norm=1.0, noise_multiplier=1.0)
+    cases = [
+        (dict(batch=-2), ValueError, "batch: expected an int >= 1, got -2"),
+        (dict(batch=0), ValueError, "batch: expected an int >= 1, got 0"),
+        (dict(batch=3.0), TypeError, "batch: expected an int >= 1, got 3.0"),
+        (dict(clipped_sum=total[:1]), ValueError, "clipped_sum: expected a tree like params"),
+        (dict(clipped_sum=None), ValueError, "clipped_sum: expected a tree like params"),
+        (dict(key=0), TypeError, "key: expected one jax.random key"),
+        (dict(clip_norm=-1.0), ValueError, "clip_norm: expected a positive finite number"),
+        (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier: expected a finite number"),
+    ]
+    for bad, error, msg in cases:
+        with pytest.raises(error, match=msg):
+            hbp.noisy_mean(NET, params, **{**good, **bad})
+    with pytest.raises(ValueError, match=r"params: expected a tuple of 2 layers, got 1"):
+        hbp.noisy_mean(NET, params[:1], **good)
+    with pytest.raises(ValueError, match=r"tree: expected a pytree of floating arrays \(at least "
+                                         r"one\), got \(\)"):
+        hbp.tree_normal(key, ())
+    with pytest.raises(TypeError, match=r"tree: .*got leaf dtypes \['int64'\]"):
+        hbp.tree_normal(key, {"a": jnp.arange(3)})

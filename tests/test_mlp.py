@@ -69,6 +69,12 @@ def test_init_scales(activation, he):
     (dict(sizes=(3, 2), l2=-1.0), ValueError, r"l2: expected a finite number >= 0, got -1.0"),
     (dict(sizes=(3, 2), reduction="max"), ValueError, r"reduction: expected one of \('mean', 'sum'\), got 'max'"),
     (dict(sizes=(3, 2), bias=1), TypeError, r"bias: expected True or False"),
+    # int() would make these (3, 4, 2) and (3, 4, 2) without a word.
+    (dict(sizes=(3, 4.5, 2)), TypeError, r"sizes: expected a sequence of ints, got \(3, 4.5, 2\)"),
+    (dict(sizes="342"), TypeError, r"sizes: expected a sequence of ints, got '342'"),
+    (dict(sizes=(3, True)), TypeError, r"sizes: expected a sequence of ints"),
+    (dict(sizes=(3, 2), l2="0.1"), TypeError, r"l2: expected a finite number >= 0, got '0.1'"),
+    (dict(sizes=(3, 2), l2=np.float32(np.nan)), ValueError, r"l2: expected a finite number >= 0"),
 ])
 def test_bad_configuration(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -119,3 +125,45 @@ def test_forward_checks_too():
     params, x, _ = _good()
     with pytest.raises(ValueError, match=r"x: expected shape \(B, 3\)"):
         hbp.forward(NET, params, x[:, :1])
+
+
+def test_a_loss_object_is_stored_by_name():
+    """Code compares ``net.loss`` with names: a built-in Loss object must behave as its name."""
+    net = hbp.MLP((3, 4), loss=hbp.losses.softmax_cross_entropy)
+    assert net.loss == "softmax_cross_entropy" and net == hbp.MLP((3, 4), loss="softmax_cross_entropy")
+    assert hbp.train.metric_name(net) == "accuracy"
+
+
+def test_numpy_scalars_are_accepted_where_python_numbers_are():
+    net = hbp.MLP(np.array([3, 4, 2]), l2=np.float32(0.5), bias=np.bool_(True))
+    assert net == hbp.MLP((3, 4, 2), l2=0.5) and type(net.l2) is float and type(net.bias) is bool
+    assert all(type(d) is int for d in net.sizes)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, NET), r"key: expected one jax.random key"),
+    ((jax.random.key(0), (3, 4, 2)), r"net: expected an MLP, got tuple \(3, 4, 2\); build one with MLP\(\(3, 4, 2\)\)"),
+])
+def test_init_params_refuses_a_wrong_key_or_net(args, match):
+    with pytest.raises(TypeError, match=match):
+        hbp.init_params(*args)
+
+
+def test_nested_lists_are_taken_as_arrays():
+    params, x, y = _good()
+    f = jax.jit(hbp.loss, static_argnums=0)
+    np.testing.assert_allclose(hbp.loss(NET, params, x.tolist(), y.tolist()), f(NET, params, x, y),
+                               rtol=1e-14)
+    with pytest.raises(ValueError, match=r"x: expected a rectangular array .* ragged"):
+        hbp.loss(NET, params, [[1.0, 2.0, 3.0], [1.0]], y)  # ragged: refused, not an object array
+
+
+@pytest.mark.parametrize("fn", [hbp.backprop, hbp.loss, hbp.forward, hbp.evaluate,
+                                lambda *a: hbp.clipped_grad(*a, 1.0), hbp.gradient_stats,
+                                lambda *a: hbp.dp_grad(*a, jax.random.key(0), 1.0, 1.0)])
+def test_an_empty_batch_is_refused_naming_x(fn):
+    """A mean over no examples is 0/0: NaN or ZeroDivisionError before; now a clear error."""
+    params, x, y = _good()
+    args = (NET, params, x[:0]) if fn is hbp.forward else (NET, params, x[:0], y[:0])
+    with pytest.raises(ValueError, match=r"x: expected at least one example, got an empty batch"):
+        fn(*args)

@@ -146,6 +146,17 @@ def test_sharded_clipping_and_dp_equal_single_device_with_the_same_key(checks, d
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_poisson_dp_over_a_mesh_equals_one_device(checks, dtype):
+    """A padded Poisson batch whose capacity is a multiple of the 4 devices, its masked clipped
+    sum psum-ed, noised once: the one-device result with the same key (and nothing dropped)."""
+    arrays, meta = checks
+    info = meta[f"shardings/{dtype}/softmax_mean_l2"]
+    capacity, count = info["poisson_capacity"], info["poisson_count"]
+    assert capacity % 4 == 0 and 0 < count < capacity  # padded, and split over the 4 devices
+    _assert_close(arrays, f"poisson/{dtype}/softmax_mean_l2", TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sharded_training_matches_single_device(checks, dtype):
     _assert_close(checks[0], f"train/{dtype}", TRAIN_TOL[dtype])  # parameters and losses
 

@@ -97,7 +97,7 @@ def test_norms_clipping_and_stats_equal_materialised(loss, bias):
     np.testing.assert_allclose(out.norms, norms, **EXACT64)
 
     # Weights count each clipped gradient that many times: 0/1 keeps a subset (a padded batch).
-    w = jnp.asarray([1, 0, 2.5, 1, 0, 1, 1, 0.5, 0])
+    w = jnp.asarray([1, 0, 0.25, 1, 0, 1, 1, 0.5, 0])
     weighted = hbp.clipped_grad(net, params, x, y, clip, weights=w)
     assert_trees_close(weighted.sum, jax.tree.map(lambda a: jnp.einsum("b,b...->...", w, a), clipped),
                        **EXACT64)
@@ -172,7 +172,10 @@ def test_jit_and_dtypes(dtype):
     norms = hbp.per_example_grad_norms(net, params64, x64, y)
     want = (g, g, norms, clipped, clipped, hbp.gradient_stats(net, params64, x64, y))
     assert_trees_close(got, want, **(F32 if dtype == jnp.float32 else EXACT64))
-    assert all(a.dtype == dtype for a in jax.tree.leaves(got))
+    counts = (got[3].dropped, got[4].dropped)  # clipped_grad's count of dropped examples
+    assert all(c.dtype == jnp.int32 and c == 0 for c in counts)
+    floats = [a for a in jax.tree.leaves(got) if all(a is not c for c in counts)]
+    assert all(a.dtype == dtype for a in floats)
 
 
 def test_errors_name_the_argument():
@@ -200,3 +203,88 @@ def test_errors_name_the_argument():
         hbp.gradient_stats(net, params, x, y[:2])
     with pytest.raises(ValueError, match="y: squared_error expects"):
         hbp.per_example_grads(net, params, x, y[:2], method="vmap")
+
+
+def test_a_non_finite_example_is_dropped_and_counted():
+    """A NaN and an Inf example add nothing, are counted and have NaN norms; the rest is the
+    clipped sum of the other examples. (Before: a NaN norm read as 0, so the NaN example went
+    unclipped and made the whole sum, and so the noisy DP step, NaN.)"""
+    net = _net("tanh", "squared_error")
+    params, x, y = make_problem(net, 5, seed=5)
+    x = x.at[1, 0].set(jnp.nan).at[3, 2].set(jnp.inf)
+    rest = np.array([0, 2, 4])
+    # An example of weight 0 (the padding of a Poisson batch) is not counted as dropped.
+    w = jnp.array([1.0, 0.0, 1.0, 1.0, 1.0])
+
+    @jax.jit  # one compile; net and params are closure constants
+    def run(x, y):
+        return (hbp.clipped_grad(net, params, x, y, 0.5),
+                hbp.clipped_grad(net, params, x, y, 0.5, weights=w[: len(x)]).dropped,
+                hbp.per_example_grad_norms(net, params, x, y),
+                hbp.dp_grad(net, params, x, y, jax.random.key(0), 0.5, 1.0))
+
+    (out, weighted, norms, noisy), (want, *_) = run(x, y), run(x[rest], y[rest])
+    assert int(out.dropped) == 2 and int(want.dropped) == 0 and int(weighted) == 1
+    assert np.all(np.isnan(np.asarray(out.norms)[[1, 3]]))
+    assert np.all(np.isnan(np.asarray(norms)[[1, 3]]))
+    np.testing.assert_allclose(np.asarray(out.norms)[rest], want.norms, **EXACT64)
+    assert_trees_close(out.sum, want.sum, **EXACT64)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(noisy))
+
+
+def test_a_huge_finite_gradient_is_clipped_not_dropped():
+    """float32: a target of 1e25 makes delta ~ 1e25, whose squared norm (1e50) overflows,
+    though every entry of the gradient is finite. The norm is computed with scaling, so the
+    example is clipped to C like any other. (Before: norm Inf, clipping factor 0, the example
+    silently left out.) Oracle: the same in float64, where nothing overflows; float32 against
+    float64 as for F32 (the norms' scaling adds a few roundings of eps32 ~ 6e-8)."""
+    net = _net("tanh", "squared_error", l2=0.0)
+    params, x, y = make_problem(net, 3, seed=6)
+    y = y.at[0].set(1e25)
+    want = hbp.clipped_grad(net, params, x, y, 1.0)
+    got = hbp.clipped_grad(net, *jax.tree.map(lambda a: a.astype(jnp.float32), (params, x, y)),
+                           1.0)
+    assert int(got.dropped) == 0 and float(want.norms[0]) > 1e25
+    np.testing.assert_allclose(got.norms, want.norms, rtol=1e-5)
+    assert_trees_close(got.sum, want.sum, **F32)
+
+
+def test_weights_must_lie_in_zero_one():
+    """Weights above 1 or NaN would break the sensitivity bound C the accounting relies on."""
+    net = _net()
+    params, x, y = make_problem(net, 3)
+    for bad, shown in ((1.5, "1.5"), (-0.25, "-0.25"), (float("nan"), "nan")):
+        w = jnp.ones(3).at[1].set(bad)
+        with pytest.raises(ValueError, match=rf"weights: expected numbers in \[0, 1\], got "
+                                             rf"{shown} at index 1"):
+            hbp.clipped_grad(net, params, x, y, 1.0, weights=w)
+        # Traced, the value is unknown at trace time: the result is NaN, never a number.
+        out = jax.jit(hbp.clipped_grad, static_argnums=0)(net, params, x, y, 1.0, w)
+        assert all(np.all(np.isnan(leaf)) for leaf in jax.tree.leaves(out.sum))
+    with pytest.raises(TypeError, match="weights: expected real or boolean weights, got dtype "
+                                        "complex"):
+        hbp.clipped_grad(net, params, x, y, 1.0, weights=jnp.ones(3) * 1j)
+
+
+def test_gradients_keep_mixed_parameter_dtypes():
+    """float32 and bfloat16 layers: every per-example result keeps each leaf's dtype. The
+    computation runs in float32 either way (bfloat16 promotes exactly to float32), so the
+    values are those of the float32 parameters, cast leaf by leaf: equal, bit for bit."""
+    net = _net("tanh", "softmax_cross_entropy")
+    params, x, y = make_problem(net, 4, seed=7)
+    mixed = tuple(jax.tree.map(lambda a: a.astype(dt), layer) for layer, dt in
+                  zip(params, (jnp.float32, jnp.bfloat16, jnp.float32)))
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), mixed)
+    x = x.astype(jnp.float32)
+
+    def results(p):  # trees like params
+        c = hbp.clipped_grad(net, p, x, y, 0.5)
+        return (hbp.per_example_grads(net, p, x, y), hbp.per_example_grads(net, p, x, y, "vmap"),
+                c.sum, c.mean, *hbp.gradient_stats(net, p, x, y),
+                hbp.dp_grad(net, p, x, y, jax.random.key(0), 0.5, 1.0))
+
+    dtypes = jax.tree.map(lambda a: a.dtype, mixed)
+    for got, want in zip(results(mixed), results(wide)):
+        assert jax.tree.map(lambda a: a.dtype, got) == dtypes
+        assert_trees_close(got, jax.tree.map(lambda w, d: w.astype(d), want, dtypes),
+                           rtol=0, atol=0)
