@@ -37,11 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from handbackprop.activations import ACTIVATIONS
-from handbackprop.backprop import add_l2_gradient, backward, delta_recursion
+from handbackprop.backprop import add_l2_gradient, backward, delta_recursion, gradient_sums
 from handbackprop.checks import check_int, check_key
 from handbackprop.losses import _onehot
 from handbackprop.mlp import MLP, Cache, check_y, forward_cache
-from handbackprop.per_example import _batch_sums
 
 METHODS = ("exact", "mc")
 KINDS = ("kflr", "kfac")
@@ -305,7 +304,7 @@ def ggn_vector_product(net: MLP, params, x, y, v):
     _, rss = _tangent_forward(net, params, cache, v)
     top = _apply_columns(output_factor(net, cache.ss[-1], cache.xs[-1], y), rss[-1])
     ds = backward(net, params, cache, _batch_scale(net, cache) * top)
-    return add_l2_gradient(net, v, _batch_sums(net, cache.xs[:-1], ds))
+    return add_l2_gradient(net, v, gradient_sums(net, cache.xs[:-1], ds))
 
 
 def hessian_vector_product(net: MLP, params, x, y, v):
@@ -346,7 +345,7 @@ def hessian_vector_product(net: MLP, params, x, y, v):
         #                          + (delta^(l+1) W^T) g''(S^(l)) R{S^(l)}
         rds.append((rds[-1] @ w.T + ds[l] @ v[l]["w"].T) * g.derivative(ss[l - 1], xs[l])
                    + back * g.second_derivative(ss[l - 1], xs[l]) * rss[l - 1])
-    grads = _batch_sums(net, xs[:-1], rds[::-1])  # x^T R{delta}, sum_b R{delta}
+    grads = gradient_sums(net, xs[:-1], rds[::-1])  # x^T R{delta}, sum_b R{delta}
     # R of (3.6): R{dE/dW} = R{x}^T delta + x^T R{delta} (R{x^(0)} = 0).
     grads = tuple({**gr, "w": gr["w"] + rx.T @ d} if l else gr
                   for l, (gr, rx, d) in enumerate(zip(grads, rxs, ds)))
