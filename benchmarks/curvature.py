@@ -18,9 +18,10 @@ Then ``diag_hessian`` against ``jnp.diag(jax.hessian(loss))`` on ``MLP((w, w, w)
 squared error, batch 16) as the parameter count n grows, with growth exponents fitted (least
 squares of log time on log n) over each method's largest three sizes, as the complexity
 benchmark does. The Hessian is n x n, so the autodiff route grows as about n^2 (n HVPs of O(n)
-each; it stops at 4,000 parameters, a 64 MB Hessian); with one hidden layer the recursion's
-residual needs no columns (its first step down is in closed form), so it grows as n, like a
-backprop, and is timed up to 10^6 parameters.
+each; it stops at 4,000 parameters, a 64 MB Hessian). With one hidden layer the recursion's
+residual needs no columns (its first step down is in closed form), but this network has K = w
+outputs, so the exact factor of H has w columns: O(B w^3) = O(B n^1.5). It is timed up to
+10^6 parameters.
 
     python -m benchmarks.curvature [--quick]
 """
