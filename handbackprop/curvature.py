@@ -165,9 +165,20 @@ def _apply_columns(cols, u, signs=None):
     return jnp.einsum("cb,cbk->bk", coef if signs is None else signs * coef, cols)
 
 
+UNROLL_COLUMNS = 64  # up to this many factor columns, their squares are summed slice by slice
+
+
 def _signed_squares(d, signs=None):
-    """``sum_c signs[c, b] d[c, b, :]^2``, (B, d): the diagonal of a factored matrix."""
-    return jnp.einsum("cbi->bi", d * d) if signs is None else jnp.einsum("cb,cbi->bi", signs, d * d)
+    """``sum_c signs[c, b] d[c, b, :]^2``, (B, d): the diagonal of a factored matrix.
+
+    XLA's CPU reduction over the leading (column) axis is several times slower than adding
+    the C slices (measured: 5 ms against 1 ms for (10, 128, 256) float32), so a few columns
+    are added one by one.
+    """
+    sq = d * d if signs is None else signs[:, :, None] * d * d
+    if d.shape[0] <= UNROLL_COLUMNS:
+        return sum((sq[c] for c in range(1, d.shape[0])), sq[0])
+    return jnp.sum(sq, axis=0)
 
 
 # -- argument checks, before any work --------------------------------------------------------
@@ -431,7 +442,8 @@ def kfac_factors(net: MLP, params, x, y, *, kind="kflr", key=None, samples=1):
     for x_prev, d in zip(cache.xs[:-1], ds):
         if net.bias:
             x_prev = jnp.concatenate([x_prev, jnp.ones_like(x_prev[:, :1])], axis=1)
-        out.append(KronFactors(x_prev.T @ x_prev / batch, scale * jnp.einsum("cbi,cbj->ij", d, d)))
+        d = d.reshape(-1, d.shape[-1])  # (C B, d_out): the columns as rows of one matrix
+        out.append(KronFactors(x_prev.T @ x_prev / batch, scale * (d.T @ d)))
     return tuple(out)
 
 
