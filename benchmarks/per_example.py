@@ -272,5 +272,53 @@ def run(quick: bool = False, results_dir=None) -> dict:
     return result
 
 
+
+# Each panel answers "what does it cost, against what it replaces?": (baseline, title, variants).
+PANELS = (
+    ("backprop", "against one batch gradient (backprop)",
+     ("per_example_grad_norms", "clipped_grad", "gradient_stats", "clip jax.vmap(jax.grad)")),
+    ("jax.vmap(jax.grad)", "per-example gradients, against jax.vmap(jax.grad)",
+     ("per_example_grads outer", "per_example_grads vmap", "fill an output of that size")),
+    ("SGD step", "a DP-SGD step, against a plain SGD step",
+     ("dp_sgd_step", "dp_sgd_step, sigma = 0", "the noise alone", "DP step from jax.vmap(jax.grad)")),
+)
+
+
+def plot(result, folder):
+    """Time relative to the baseline each quantity replaces (1 = as fast), one panel per
+    baseline, one bar per network; the default allocator only. Returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["allocator"] == "default"]
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(9.5, 8.5))
+    for ax, (baseline, title, variants) in zip(axes, PANELS):
+        networks = list(dict.fromkeys(r["network"] for r in rows if r["baseline"] == baseline))
+        height = 0.8 / max(len(networks), 1)
+        for k, network in enumerate(networks):
+            ratio = {r["variant"]: r["ratio"] for r in rows
+                     if (r["baseline"], r["network"]) == (baseline, network)}
+            ys = [i + (k - (len(networks) - 1) / 2) * height for i in range(len(variants))]
+            values = [ratio.get(v, float("nan")) for v in variants]
+            bars = ax.barh(ys, values, height=height * 0.9, label=network)
+            ax.bar_label(bars, [f"{v:.2f}x" for v in values], padding=3, fontsize=8)
+        ax.axvline(1.0, color="k", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, 300)
+        ax.set_yticks(range(len(variants)), variants, fontsize=9)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="network",
+                  title_fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel(f"time / baseline's time (log scale; left of 1 is faster), "
+                        f"batch {result['batch']}, {result['dtype']}")
+    fig.suptitle("What per-example quantities cost", fontsize=12)
+    fig.tight_layout()
+    path = pathlib.Path(folder) / "per_example.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 if __name__ == "__main__":
     common.main(run, __doc__)

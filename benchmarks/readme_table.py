@@ -1,15 +1,21 @@
-"""The README's performance section, generated from a results folder (never hand-copied).
+"""The benchmarks page of the docs, generated from a results folder (never hand-copied).
 
 For every ``<name>.json`` in the folder: on what machine and when it was measured, its headline
-figures (``summary``, against their ``goals``) and its full table. With ``--write README.md`` the
+figures (``summary``, against their ``goals``) and its full table. With ``--write FILE`` the
 block replaces what lies between the markers
 
     <!-- benchmarks:start -->
     <!-- benchmarks:end -->
 
-which must already be in the file, once each.
+which must already be in the file, once each. The docs' page is regenerated with
 
-    python -m benchmarks.readme_table [RESULTS] [--write README.md] [--plots]
+    python -m benchmarks.readme_table benchmarks/published/cpu --write docs/benchmarks.md --plots --plots-root .
+
+``--plots-root .``: the PNG links are relative to the repository root, where the docs build
+(``docs/hooks/gen_pages.py``) puts a copy of ``benchmarks/published/``; without it they are
+relative to the written file's folder.
+
+    python -m benchmarks.readme_table [RESULTS] [--write FILE] [--plots [--plots-root DIR]]
 """
 
 import argparse
@@ -84,8 +90,8 @@ def section(result: dict, level: int = 3, details: bool = False, plots=()) -> st
 
 
 def render(folder, plots_relative_to=None) -> str:
-    """The README block, markers included. ``plots_relative_to``: link each benchmark's PNGs,
-    as paths relative to that folder (the README's); ``None``: no images."""
+    """The generated block, markers included. ``plots_relative_to``: link each benchmark's
+    PNGs, as paths relative to that folder; ``None``: no images."""
     folder = pathlib.Path(folder)
     results = load_results(folder)
     if not results:
@@ -115,10 +121,12 @@ def write(readme, block: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="?", default=str(common.RESULTS), help="results folder")
-    parser.add_argument("--write", metavar="README", help="replace the block between the markers in this file")
+    parser.add_argument("--write", metavar="FILE", help="replace the block between the markers in this file")
     parser.add_argument("--plots", action="store_true", help="link the PNG plots (they must be committed too)")
+    parser.add_argument("--plots-root", metavar="DIR",
+                        help="make the PNG links relative to DIR (default: the written file's folder)")
     args = parser.parse_args(argv)
-    base = pathlib.Path(args.write).parent if args.write else pathlib.Path.cwd()
+    base = pathlib.Path(args.plots_root or (pathlib.Path(args.write).parent if args.write else "."))
     block = render(args.results, base if args.plots else None)
     if args.write:
         write(args.write, block)

@@ -2,6 +2,7 @@
 ``summary.md``, and ``index.json`` (what ran, was skipped or failed, and why).
 
     python -m benchmarks [--quick | --full] [--only NAME ...] [--results DIR]
+    python -m benchmarks --replot --results benchmarks/published/cpu   # plots from saved JSON
 
 Each benchmark is a module ``benchmarks/<name>.py`` with ``run(quick, results_dir) -> dict``
 that saves its JSON through ``common.save``, and optionally ``plot(result, folder) -> [paths]``;
@@ -124,6 +125,18 @@ def run_one(name, quick, folder) -> dict:
     return outcome
 
 
+def replot(names, folder) -> list:
+    """Redraw the plots of the saved results in ``folder`` (no benchmark is run); their paths."""
+    paths = []
+    for name in names:
+        path = pathlib.Path(folder) / f"{name}.json"
+        if path.exists():
+            module = importlib.import_module(f"benchmarks.{name}")
+            plot = getattr(module, "plot", None) or (lambda r, f: plot_ratios(name, r, f))
+            paths += plot(json.loads(path.read_text()), folder)
+    return paths
+
+
 def summary(outcomes, folder, quick) -> str:
     """``summary.md``: what ran and on what, then each benchmark's figures, table and plots."""
     lines = ["# handbackprop benchmarks", "",
@@ -146,8 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                         help=f"run only these, of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--results", default=str(common.RESULTS), help="results folder (default %(default)s)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots from the JSON already in the results folder")
     args = parser.parse_args(argv)
     folder = pathlib.Path(args.results)
+    if args.replot:
+        for path in replot(args.only or BENCHMARKS, folder):
+            print(f"wrote {path}")
+        return 0
     folder.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for name in args.only or BENCHMARKS:

@@ -11,6 +11,7 @@ from handbackprop import data
 from handbackprop import dp
 from handbackprop import losses
 from handbackprop import parallel
+from handbackprop import testing
 from handbackprop import train
 from handbackprop.activations import Activation
 from handbackprop.backprop import backprop
@@ -51,6 +52,9 @@ from handbackprop.per_example import clipped_grad
 from handbackprop.per_example import gradient_stats
 from handbackprop.per_example import per_example_grad_norms
 from handbackprop.per_example import per_example_grads
+from handbackprop.rules import verify_jvp
+from handbackprop.rules import verify_rule
+from handbackprop.rules import verify_vjp
 from handbackprop.train import Optimizer
 from handbackprop.train import SGDState
 from handbackprop.train import TrainState
@@ -121,9 +125,13 @@ __all__ = (
     "sharded_clipped_grad",
     "sharded_dp_grad",
     "sharded_value_and_backprop",
+    "testing",
     "train",
     "train_epoch",
     "tree_normal",
     "value_and_backprop",
     "verify_gradient",
+    "verify_jvp",
+    "verify_rule",
+    "verify_vjp",
 )

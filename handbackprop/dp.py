@@ -93,9 +93,9 @@ def poisson_batch(key, n: int, batch_size: int, multiple_of: int = 1):
       multiple_of: the capacity is a multiple of it (see :func:`poisson_capacity`).
 
     Returns:
-      ``(indices, mask)``, each of shape ``(poisson_capacity(n, B, multiple_of),)``: the chosen examples'
-      indices in increasing order, then zeros; ``mask`` (bool) is True for a chosen example,
-      False for padding.
+      ``(indices, mask)``, each of shape ``(poisson_capacity(n, B, multiple_of),)``: the
+      chosen examples' indices in increasing order, then zeros; ``mask`` (bool) is True for a
+      chosen example, False for padding.
 
     Example:
       >>> idx, mask = poisson_batch(jax.random.key(0), 1000, 32)
@@ -199,14 +199,10 @@ def noisy_mean(net: MLP, params, clipped_sum, batch: int, key, clip_norm, noise_
         ``noise_multiplier`` or ``params``, before any computation.
     """
     check_params(net, params)
-    want, got = jax.tree.map(np.shape, params), None
-    try:
-        got = jax.tree.map(np.shape, clipped_sum)
-    except Exception:  # noqa: BLE001 (anything that is not a pytree of arrays)
-        pass
+    want, got = jax.tree.map(np.shape, params), jax.tree.map(np.shape, clipped_sum)
     if got != want:
         raise ValueError(f"clipped_sum: expected a tree like params with shapes {want}, "
-                         f"got {got if got is not None else type(clipped_sum).__name__}")
+                         f"got {got}")
     check_int("batch", batch, 1)
     check_key(key)
     check_scalar("clip_norm", clip_norm)

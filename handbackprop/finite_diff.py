@@ -156,7 +156,10 @@ def line_values(f, params, args, num_directions, offsets, rel, zs, grads):
     flat, unravel = ravel_pytree(params)
     rt = lambda a: ravel_pytree(unravel(a))[0]  # noqa: E731  (rounds to each leaf's dtype)
     sizes = [p.size for p in jax.tree.leaves(params)]
-    leaf_of = jnp.repeat(jnp.arange(len(sizes)), jnp.asarray(sizes), total_repeat_length=flat.size)
+    # Leaf l owns entries [starts[l], starts[l + 1]): a range test against an iota, which XLA
+    # computes at run time (a jnp.repeat of the leaf indices is constant-folded, for seconds).
+    starts = jnp.asarray(np.cumsum([0, *sizes]), jnp.int32)
+    index = jax.lax.iota(jnp.int32, flat.size)
     rel_leaf = jnp.asarray(jax.tree.leaves(rel), flat.dtype)
     norm = jnp.sqrt(jnp.asarray(sizes, flat.dtype))
     scale = jnp.maximum(1, jnp.abs(flat))
@@ -166,7 +169,8 @@ def line_values(f, params, args, num_directions, offsets, rel, zs, grads):
 
     def at(m):
         leaf, r = m // num_directions, rel_leaf[m // num_directions]
-        v = jnp.where(leaf_of == leaf, zs[m % num_directions].astype(flat.dtype) * scale / norm[leaf], 0)
+        mine = (index >= starts[leaf]) & (index < starts[leaf + 1])
+        v = jnp.where(mine, zs[m % num_directions].astype(flat.dtype) * scale / norm[leaf], 0)
         values = jax.vmap(lambda k: f(unravel(flat + k * r * v), *args))(ks)
         e = ((rt(flat + r * v) - rt(flat - r * v)) / (2 * r)).astype(acc)
         terms = gs.astype(acc) * e[None, :]

@@ -198,12 +198,12 @@ def sharded_sums(net: MLP, params, x, y, mesh, clip_norm=None, weights=None) -> 
     x = check_x(net, params, x)
     y = check_y(net, x, y)
     weights = check_weights(weights, x, unit=clip_norm is not None)
-    if clip_norm is None:
-        local = lambda params, x, y, weights, clip_norm: batch_sums(  # noqa: E731
-            net, params, x, y, weights)
-    else:
-        local = lambda params, x, y, weights, clip_norm: clipped_sums(  # noqa: E731
-            net, params, x, y, clip_norm, weights)
+
+    def local(params, x, y, weights, clip_norm):
+        if clip_norm is None:
+            return batch_sums(net, params, x, y, weights)
+        return clipped_sums(net, params, x, y, clip_norm, weights)
+
     if mesh is None:
         return local(params, x, y, weights, clip_norm)
     check_batch("x", x.shape[0], mesh)

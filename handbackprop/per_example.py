@@ -16,8 +16,8 @@ an example whose gradient is not finite is left out of a clipped sum and counted
 :func:`clipped_sums` is the clipped form of :func:`handbackprop.backprop.batch_sums`, the
 sums that :func:`handbackprop.backprop.finish` (and DP-SGD's noise) turn into a gradient.
 Per-example gradients are those of each example's own loss e_b: unreduced (no 1/B, whatever
-``net.reduction``) and without the L2 term, which is data-independent. ``mean(g_b) + l2 W`` is the batch gradient of a
-``reduction="mean"`` network.
+``net.reduction``) and without the L2 term, which is data-independent. ``mean(g_b) + l2 W``
+is the batch gradient of a ``reduction="mean"`` network.
 """
 
 import dataclasses
@@ -30,6 +30,7 @@ import numpy as np
 from handbackprop.backprop import (Sums, backprop, check_weights, example_losses,
                                    forward_backward, gradient_sums, like_params, weighted_sum)
 from handbackprop.checks import check_scalar
+from handbackprop.losses import labels_ok
 from handbackprop.mlp import MLP, check_x, check_y
 
 METHODS = ("outer", "vmap")
@@ -77,8 +78,29 @@ def _norm_parts(net: MLP, xs, ds):
     return s, r, jnp.isfinite(s) & jnp.isfinite(r)
 
 
-def _norms(s, r, finite):
-    return jnp.where(finite, s * r, jnp.nan)
+def _measure(net: MLP, xs, ds, clip=1.0):
+    """``(norms, finite, c)``, each (B,): ``||g_b||`` (NaN where g_b is not finite), whether it
+    is finite, and the clipping factor ``c_b = min(1, clip / ||g_b||)`` (0 where not finite).
+
+    The plain squared norms ``sum_l ||delta_b^(l)||^2 (||x_b^(l-1)||^2 + [bias])``, unless one
+    of them is not finite (an overflow, a NaN or an Inf): then, behind ``lax.cond`` so that
+    the usual case pays nothing more, the scaled form of :func:`_norm_parts`.
+    """
+    sq = sum(jnp.sum(d * d, axis=1) * (jnp.sum(a * a, axis=1) + (1.0 if net.bias else 0.0))
+             for a, d in zip(xs, ds))
+    clip = jnp.asarray(clip, sq.dtype)
+
+    def plain():
+        norms = _safe_sqrt(sq)
+        return norms, jnp.isfinite(sq), clip / jnp.maximum(norms, clip)  # all True here
+
+    def scaled():
+        s, r, finite = _norm_parts(net, xs, ds)
+        # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
+        c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
+        return jnp.where(finite, s * r, jnp.nan), finite, jnp.where(finite, c, 0)
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, scaled)
 
 
 def per_example_grads(net: MLP, params, x, y, method: str = "outer"):
@@ -152,7 +174,7 @@ def per_example_grad_norms(net: MLP, params, x, y):
       (2,)
     """
     cache, _, ds = forward_backward(net, params, x, y)
-    return _norms(*_norm_parts(net, cache.xs[:-1], ds))
+    return _measure(net, cache.xs[:-1], ds)[0]
 
 
 class ClippedGrad(NamedTuple):
@@ -186,7 +208,9 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     ``c_b = min(1, C / ||g_b||)`` (1 at ``g_b = 0``), applied to the deltas, so the clipped
     sum is ``X^(l-1)T (w c D^(l))`` per layer: one backward pass, no per-example gradients
     in memory. An example whose gradient is not finite gets ``c_b = 0``: it contributes
-    nothing (rather than making the whole sum NaN) and is counted in ``dropped``.
+    nothing (rather than making the whole sum NaN) and is counted in ``dropped``; except for
+    a traced label out of the loss's domain, whose NaN gradient makes the sum NaN, as a bad
+    value does everywhere under ``jax.jit``.
 
     Args:
       net: the network (static under ``jax.jit``); neither ``reduction`` nor ``l2`` apply.
@@ -204,24 +228,24 @@ def clipped_sums(net: MLP, params, x, y, clip_norm, weights=None) -> Sums:
     weights = check_weights(weights, x, unit=True)
     cache, y, ds = forward_backward(net, params, x, y)
     xs = cache.xs[:-1]
-    s, r, finite = _norm_parts(net, xs, ds)
-    clip = jnp.asarray(clip_norm, s.dtype)
-    # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
-    c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
-    keep = finite
+    norms, finite, c = _measure(net, xs, ds, clip_norm)
+    # A traced label out of the loss's domain is a bad value, not a fault of the data: its NaN
+    # gradient must show in the sum (as everywhere else), so it is kept and not counted.
+    bad_label = ~labels_ok(net.loss, y, net.sizes[-1])
+    c = jnp.where(bad_label, jnp.nan, c)
+    lost = ~finite & ~bad_label
     if weights is not None:
         w = weights.astype(c.dtype)
         # A traced weight outside [0, 1] (or NaN) would break the bound C: NaN, not a number.
         c = jnp.where((w >= 0) & (w <= 1), c * w, jnp.nan)
-        dropped = jnp.sum(~finite & (weights != 0), dtype=jnp.int32)
-    else:
-        dropped = jnp.sum(~finite, dtype=jnp.int32)
-    keep = keep[:, None]
+        lost = lost & (weights != 0)
+    dropped = jnp.sum(lost, dtype=jnp.int32)
+    keep = (finite | bad_label)[:, None]
     # Zero the rows of non-finite examples (0 * Inf would be NaN), then X^T (c * D).
     xs = tuple(jnp.where(keep, a, 0) for a in xs)
     ds = tuple(jnp.where(keep, c[:, None] * d, 0) for d in ds)
     loss = weighted_sum(example_losses(net, cache, y), weights)
-    return Sums(loss, gradient_sums(net, xs, ds), _norms(s, r, finite), dropped)
+    return Sums(loss, gradient_sums(net, xs, ds), norms, dropped)
 
 
 def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad:
@@ -232,7 +256,8 @@ def clipped_grad(net: MLP, params, x, y, clip_norm, weights=None) -> ClippedGrad
     too); the scaled sum is formed in the same pass as ``X^(l-1)T (c * D^(l))`` per layer: no
     second backward pass and no per-example gradients in memory. An example whose gradient
     has a NaN or Inf entry contributes nothing and is counted in ``dropped``; its norm is
-    NaN. ``net.reduction`` does not apply (both sum and mean are returned), nor does
+    NaN (a traced label out of the loss's domain, which cannot be refused, makes the sum NaN
+    instead, as it does every gradient). ``net.reduction`` does not apply (both sum and mean are returned), nor does
     ``net.l2``: the L2 gradient ``l2 W`` is data-independent, so it is added after clipping
     (and after noise, in DP-SGD), not clipped.
 

@@ -1,6 +1,6 @@
 """``handbackprop train``: mini-batch SGD on a data set, with the hand-written gradients.
 
-    python -m handbackprop train                          # digits, 64-128-128-10, 50 epochs
+    python -m handbackprop train                          # digits, 64-128-128-10, 150 epochs
     python -m handbackprop train --dataset breast_cancer --plot curves.png
     python -m handbackprop train --epochs 20 --save run.npz
     python -m handbackprop train --epochs 50 --resume run.npz --save run.npz
@@ -48,6 +48,16 @@ DEFAULTS = {"dataset": "digits", "task": None, "sizes": None, "activation": "rel
             "seed": 0, "dtype": "float32", "dp_clip": None, "dp_noise": None,
             "dp_sampling": "shuffle"}
 HIDDEN = (128, 128)  # the default hidden layers between the data's inputs and outputs
+EPOCHS = 50  # for a data file
+# Each built-in set's own defaults over DEFAULTS (and EPOCHS), chosen on validation splits
+# carved from its training data, never the test split: benchmarks/defaults_search.py, whose
+# table docs/training.md shows.
+DATASET_DEFAULTS = {
+    "digits": {"lr": 0.3, "l2": 1e-3, "epochs": 150},
+    "breast_cancer": {"lr": 0.2, "l2": 1e-2, "epochs": 100},
+    "spirals": {"lr": 0.2, "epochs": 200},
+    "diabetes": {"lr": 0.003, "momentum": 0.9, "l2": 0.1, "epochs": 50},
+}
 
 
 def _positive(kind):
@@ -86,17 +96,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=_sizes, help="layer sizes d0,...,dL, e.g. 64,128,128,10 "
                    "(default: the data's inputs, 128, 128, the loss's outputs)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
-                   help="hidden layers' activation (default relu)")
+                   help=f"hidden layers' activation (default: {_per_set('activation')})")
     p.add_argument("--loss", choices=sorted(LOSSES), help="default: softmax_cross_entropy for "
                    "several classes, binary_cross_entropy for two, squared_error for regression")
-    p.add_argument("--epochs", type=_positive(int), default=50,
-                   help="epochs to train, in all (with --resume: the total to reach) (default 50)")
-    p.add_argument("--batch-size", type=_positive(int), help="mini-batch size (default 32)")
-    p.add_argument("--lr", type=_positive(float), help="SGD learning rate (default 0.1)")
-    p.add_argument("--momentum", type=float, help="SGD momentum in [0, 1) (default 0)")
+    p.add_argument("--epochs", type=_positive(int),
+                   help="epochs to train, in all (with --resume: the total to reach) "
+                   f"(default: {_per_set('epochs', EPOCHS)})")
+    p.add_argument("--batch-size", type=_positive(int),
+                   help=f"mini-batch size (default: {_per_set('batch_size')})")
+    p.add_argument("--lr", type=_positive(float),
+                   help=f"SGD learning rate (default: {_per_set('lr')})")
+    p.add_argument("--momentum", type=float,
+                   help=f"SGD momentum in [0, 1) (default: {_per_set('momentum')})")
     p.add_argument("--nesterov", action="store_true", default=None,
                    help="Nesterov momentum (needs --momentum > 0)")
-    p.add_argument("--l2", type=float, help="L2 penalty lambda: (lambda/2) sum ||W||^2 (default 0)")
+    p.add_argument("--l2", type=float, help="L2 penalty lambda: (lambda/2) sum ||W||^2 "
+                   f"(default: {_per_set('l2')})")
     p.add_argument("--seed", type=_seed, help="seeds the initialisation and the shuffles (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="parameters' dtype (default float32)")
@@ -125,10 +140,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
 
 
+def _per_set(key, default=None):
+    """A help text's default: the general one, then each data set's own."""
+    general = DEFAULTS.get(key, default)
+    own = ", ".join(f"{name} {d[key]}" for name, d in DATASET_DEFAULTS.items() if key in d)
+    return f"{general}; {own}" if own else f"{general}"
+
+
+def defaults(dataset) -> dict:
+    """The settings a run on ``dataset`` starts from, ``"epochs"`` included."""
+    return {**DEFAULTS, "epochs": EPOCHS, **DATASET_DEFAULTS.get(dataset, {}), "dataset": dataset}
+
+
 def _settings(args, saved):
-    """Explicit options, else the checkpoint's, else the defaults; a resumed run's settings
-    cannot change, or it would not continue the same run."""
-    settings = {**DEFAULTS, **saved}
+    """Explicit options, else the checkpoint's, else the data set's defaults; a resumed run's
+    settings cannot change, or it would not continue the same run. ``args.epochs`` is filled
+    in too (it is not a setting: a resumed run may go on for longer)."""
+    base = defaults(args.dataset or saved.get("dataset") or DEFAULTS["dataset"])
+    if args.epochs is None:
+        args.epochs = base["epochs"]
+    settings = {**{k: base[k] for k in DEFAULTS}, **saved}
     for k in DEFAULTS:
         value = getattr(args, k)
         if value is None:
@@ -176,21 +207,40 @@ def _privacy(dp, batch_size, n, epochs, delta, out):
     return privacy
 
 
-def _plot(path, history, metric):
+def _title(s, epochs, privacy) -> str:
+    """The plot's title: the data set and network, the settings, and DP-SGD's privacy."""
+    sgd = f"SGD lr {s['lr']:g}" + (f", {'Nesterov ' * s['nesterov']}momentum {s['momentum']:g}"
+                                   if s["momentum"] else "")
+    lines = [f"{s['dataset']}: {'-'.join(map(str, s['sizes']))} {s['activation']}, {s['loss']}",
+             f"{sgd}, L2 {s['l2']:g}, batch {s['batch_size']}, {epochs} epochs, {s['dtype']}"]
+    if privacy is not None:
+        eps = privacy["epsilon"]
+        lines.append(f"DP-SGD clip {privacy['clip_norm']:g}, noise {privacy['noise_multiplier']:g}"
+                     f" ({'Poisson' if privacy['poisson'] else 'shuffled'} batches): "
+                     + (f"epsilon {eps:.3g} at delta {privacy['delta']:g}" if eps is not None
+                        else "epsilon not computed (dp-accounting not installed)"))
+    return "\n".join(lines)
+
+
+def _plot(path, history, metric, title, l2=0.0):
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.6))
     ax1.plot(history["epoch"], history["train_loss"], label="train (mean over mini-batches)")
     ax1.plot(history["epoch"], history["test_loss"], label="test")
-    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log",
+            title="loss, with the L2 penalty" if l2 else "loss")
     ax2.plot(history["epoch"], history[f"test_{metric}"], label="test")
-    ax2.set(xlabel="epoch", ylabel=metric, title=metric)
+    ax2.set(xlabel="epoch", ylabel=metric, title=f"test {metric}")
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -425,7 +475,8 @@ def _run(args, settings, header, json_out) -> int:
     plot_error = None
     if args.plot:
         try:  # checked writable at the start; whatever still fails must not lose the results
-            _plot(args.plot, history, metric)
+            _plot(args.plot, history, metric, _title(s, args.epochs, results.get("privacy")),
+                  s["l2"])
             print(f"curves saved to {args.plot}", file=out)
         except (OSError, ValueError, RuntimeError) as e:
             plot_error = f"--plot: could not write {args.plot}: {e}"

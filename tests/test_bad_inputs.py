@@ -25,13 +25,6 @@ from handbackprop import activations, checkpoint, cli, data, dp, losses, paralle
 
 # Rows whose fix lives on another helper's branch; the lead removes this skip after merging.
 _FIXED_ELSEWHERE = {
-    "clipped_grad: a NaN example is dropped, not spread",
-    "clipped_grad: weights above 1",
-    "clipped_grad: NaN weights",
-    "noisy_mean: batch -2",
-    "noisy_mean: batch 0",
-    "tree_normal: an empty tree",
-    "backprop: mixed float32/bfloat16 params keep their dtypes",
     "check_backprop: label 7 of 3 classes",
     "fit: y shorter than x",
     "fit: NaN in y",
@@ -198,6 +191,10 @@ ROWS = [
     ("check_backprop: num_directions 0", lambda: hbp.check_backprop(NET, P, X, Y, num_directions=0), _raises(ValueError, r"^num_directions: ")),
     ("verify_gradient: num_directions 0", lambda: hbp.verify_gradient(lambda p: jnp.sum(p ** 2), lambda p: 2 * p, jnp.ones(3), num_directions=0), _raises(ValueError, r"^num_directions: ")),
     ("verify_gradient: a vector loss", lambda: hbp.verify_gradient(lambda p: p, lambda p: p, jnp.ones(3)), _raises(E, r"^loss_fn: ")),
+    ("verify_vjp: vjp_fn returns a bare array", lambda: hbp.verify_vjp(jnp.sin, lambda p, g: g, jnp.ones(3)), _raises(ValueError, r"^vjp_fn: expected a tuple")),
+    ("verify_jvp: argnums out of range", lambda: hbp.verify_jvp(jnp.sin, lambda p, t: (p, t), jnp.ones(3), argnums=1), _raises(ValueError, r"^argnums: ")),
+    ("verify_rule: order 3", lambda: hbp.verify_rule(jnp.sin, jnp.ones(3), order=3), _raises(ValueError, r"^order: ")),
+    ("verify_rule: an integer primal only", lambda: hbp.verify_rule(jnp.sin, jnp.arange(3)), _raises(TypeError, r"^primals: ")),
     ("numerical_grad: method 'sideways'", lambda: hbp.numerical_grad(lambda p: jnp.sum(p), jnp.ones(3), method="sideways"), _raises(ValueError, r"^method: ")),
     # -- several devices -----------------------------------------------------------------------
     ("data_parallel_mesh: 0 devices", lambda: hbp.data_parallel_mesh(0), _raises(ValueError, r"^num_devices: ")),
@@ -209,6 +206,10 @@ ROWS = [
     ("sharded_value_and_backprop: empty batch", lambda: hbp.sharded_value_and_backprop(NET, P, X[:0], Y[:0], MESH), _raises(ValueError, r"^x: .*empty")),
     ("sharded_backprop: label 7", lambda: hbp.sharded_backprop(SOFTMAX, PS, X, C.at[0].set(7), MESH), _raises(ValueError, r"^y: ")),
     ("sharded_clipped_grad: clip_norm nan", lambda: hbp.sharded_clipped_grad(NET, P, X, Y, float("nan"), MESH), _raises(ValueError, r"^clip_norm: ")),
+    ("parallel.sharded_sums: weights above 1", lambda: parallel.sharded_sums(NET, P, X, Y, MESH, 1.0, jnp.full(4, 2.0)), _raises(ValueError, r"^weights: ")),
+    ("parallel.sharded_sums: clip_norm -1", lambda: parallel.sharded_sums(NET, P, X, Y, MESH, -1.0), _raises(ValueError, r"^clip_norm: ")),
+    ("parallel.sharded_sums: not a mesh", lambda: parallel.sharded_sums(NET, P, X, Y, "mesh"), _raises(TypeError, r"^mesh: ")),
+    ("parallel.sharded_sums: traced label 7 gives NaN", lambda: jax.jit(parallel.sharded_sums, static_argnums=(0, 4, 5))(SOFTMAX, PS, X, C.at[0].set(7), MESH, 1.0).grads, NAN),
     ("sharded_dp_grad: empty batch", lambda: hbp.sharded_dp_grad(NET, P, X[:0], Y[:0], KEY, 1.0, 1.0, MESH), _raises(ValueError, r"^x: .*empty")),
     # -- small modules -------------------------------------------------------------------------
     ("activations.get: 'gelu'", lambda: activations.get("gelu"), _raises(ValueError, r"^activation: unknown activation 'gelu'")),
@@ -250,6 +251,8 @@ ROWS = [
     ("cli verify: --batch 0", ["verify", "--batch", "0"], _cli("batch")),
     ("cli verify: --batch -1", ["verify", "--batch", "-1"], _cli("batch")),
     ("cli verify: --dtype float16", ["verify", "--dtype", "float16"], _cli("--dtype")),
+    ("cli verify-rule: --shapes 4xa", ["verify-rule", "jax.numpy:sin", "--shapes", "4xa"], _cli("--shapes: ")),
+    ("cli verify-rule: no such module", ["verify-rule", "no_such_module_xyz:f", "--shapes", "4"], _cli("MODULE:FUNCTION: cannot import")),
     # -- curvature ------------------------------------------------------------------------------
     ("ggn_vector_product: v of 1 layer", lambda: hbp.ggn_vector_product(NET, P, X, Y, P[:1]), _raises(ValueError, r"^v: expected a pytree like params")),
     ("hessian_vector_product: v transposed", lambda: hbp.hessian_vector_product(NET, P, X, Y, (P[0], {**P[1], "w": P[1]["w"].T})), _raises(ValueError, r"^v: \[1\]\['w'\] has shape")),

@@ -10,6 +10,7 @@ likewise the training benchmark leaves out PyTorch only when ``torch`` is not in
 import datetime
 import importlib.util
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -226,6 +227,26 @@ def test_readme_block(results, tmp_path):
     readme.write_text("# No markers\n")
     with pytest.raises(SystemExit, match="benchmarks:start"):
         readme_table.main([str(folder), "--write", str(readme)])
+
+
+def test_replot_redraws_the_plots_from_the_saved_json(results, tmp_path):
+    folder, outcomes = results
+    for name in ("per_example", "training", "accuracy"):
+        (tmp_path / f"{name}.json").write_bytes((folder / f"{name}.json").read_bytes())
+    assert runner.main(["--replot", "--results", str(tmp_path)]) == 0  # nothing is rerun
+    drawn = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert drawn == ["accuracy.png", "per_example.png", "training.png"]
+    assert all((tmp_path / p).read_bytes().startswith(PNG) for p in drawn)
+
+
+def test_plots_root_makes_links_relative_to_it(results, tmp_path):
+    folder, _ = results
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text(f"{readme_table.START}\n{readme_table.END}\n")
+    readme_table.main([str(folder), "--write", str(page), "--plots", "--plots-root", str(tmp_path)])
+    link = f"]({pathlib.Path(os.path.relpath(folder, tmp_path)).as_posix()}/complexity.png)"
+    assert link in page.read_text()
 
 
 def test_timeit_detects_recompilation():

@@ -148,7 +148,7 @@ def test_outputs_and_seed_are_checked_before_training(capsys, tmp_path, make, me
 def test_a_failed_plot_keeps_the_json(capsys, tmp_path, monkeypatch):
     from handbackprop import train_command
 
-    def broken(path, history, metric):
+    def broken(*args):  # _plot(path, history, metric, title, l2)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(train_command, "_plot", broken)
     rc, out, err = _run(capsys, *XOR, "--epochs", "1", "--json", "--plot", str(tmp_path / "c.png"))

@@ -203,7 +203,7 @@ def test_noisy_mean_and_tree_normal_check_their_arguments():
     """noisy_mean checked nothing: batch -2 flipped the step, 0 gave Inf; tree_normal(key, ())
     failed inside jax.random. Now each is a clear error naming the argument."""
     params, x, y = make_problem(NET, 3)
-    key, total = jax.random.key(0), hbp.clipped_grad(NET, params, x, y, 1.0).sum
+    key, total = jax.random.key(0), jax.tree.map(jnp.zeros_like, params)
     good = dict(clipped_sum=total, batch=3, key=key, clip_norm=1.0, noise_multiplier=1.0)
     cases = [
         (dict(batch=-2), ValueError, "batch: expected an int >= 1, got -2"),
@@ -225,3 +225,13 @@ def test_noisy_mean_and_tree_normal_check_their_arguments():
         hbp.tree_normal(key, ())
     with pytest.raises(TypeError, match=r"tree: .*got leaf dtypes \['int64'\]"):
         hbp.tree_normal(key, {"a": jnp.arange(3)})
+
+
+def test_poisson_capacity_rounds_up_to_a_multiple_of_the_devices():
+    assert hbp.dp.poisson_capacity(1000, 32) == 67
+    assert hbp.dp.poisson_capacity(1000, 32, multiple_of=4) == 68
+    assert hbp.dp.poisson_capacity(10, 10, multiple_of=4) == 12  # beyond n: padding only
+    idx, mask = hbp.dp.poisson_batch(jax.random.key(0), 10, 10, multiple_of=4)
+    assert idx.shape == (12,) and int(mask.sum()) == 10 and not bool(mask[10:].any())
+    with pytest.raises(ValueError, match="multiple_of: expected an int >= 1, got 0"):
+        hbp.dp.poisson_capacity(10, 5, multiple_of=0)

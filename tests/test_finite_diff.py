@@ -137,3 +137,23 @@ def test_warns_when_float64_is_asked_without_x64():
             hbp.numerical_grad(lambda q: jnp.sum(q["a"] ** 2), {"a": np.ones(2, np.float64)})
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+def test_no_constant_folding_alarm_at_100k_parameters():
+    # The directions' leaf masks were a jnp.repeat that XLA constant-folded for seconds, with
+    # error-level slow_operation_alarm lines on stderr (1.4 s at 68k parameters, 12 s at 670k);
+    # XLA prints the alarm past 1 s of folding. 101,130 parameters, one direction per leaf.
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, handbackprop as hbp\n"
+        "net = hbp.MLP((384, 256, 10))\n"
+        "p = hbp.init_params(jax.random.key(0), net)\n"
+        "r = hbp.check_backprop(net, p, jnp.ones((2, 384)), jnp.zeros((2, 10)), num_directions=1)\n"
+        "print(r.ok, r.exhaustive)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+    assert "slow_operation_alarm" not in out.stderr and "Constant folding" not in out.stderr, out.stderr
