@@ -30,6 +30,7 @@ BENCHMARKS = (
     "accuracy",  # the default training run's test metrics over splits and seeds, vs scikit-learn
     "backprop_vs_autodiff",  # hand backprop vs jax.grad over a shape grid; FLOP-rate fraction
     "complexity",  # the whole gradient: linear (backprop, jax.grad) vs quadratic (finite differences)
+    "curvature",  # GGN / Hessian products, diagonals, KFAC against the autodiff routes
     "per_example",  # per-example gradients, norms and DP-SGD
     "scaling",  # data-parallel steps per second on 1, 2, 4 devices (meaningful on GPU/TPU)
     "training",  # training against scikit-learn and PyTorch

@@ -6,6 +6,7 @@ checked against ``jax.grad``, finite differences and a literal NumPy reference.
 
 from handbackprop import activations
 from handbackprop import checkpoint
+from handbackprop import curvature
 from handbackprop import data
 from handbackprop import dp
 from handbackprop import losses
@@ -18,6 +19,15 @@ from handbackprop.backprop import delta_recursion
 from handbackprop.backprop import deltas
 from handbackprop.backprop import loss
 from handbackprop.backprop import value_and_backprop
+from handbackprop.curvature import KronFactors
+from handbackprop.curvature import diag_ggn
+from handbackprop.curvature import diag_hessian
+from handbackprop.curvature import ggn_vector_product
+from handbackprop.curvature import hessian_vector_product
+from handbackprop.curvature import kfac_factors
+from handbackprop.curvature import per_example_diag_ggn
+from handbackprop.curvature_check import CurvatureReport
+from handbackprop.curvature_check import check_curvature
 from handbackprop.dp import DPSGD
 from handbackprop.dp import dp_epsilon
 from handbackprop.dp import dp_grad
@@ -67,9 +77,11 @@ __all__ = (
     "Activation",
     "Cache",
     "ClippedGrad",
+    "CurvatureReport",
     "DPSGD",
     "GradientReport",
     "GradientStats",
+    "KronFactors",
     "Loss",
     "MLP",
     "Optimizer",
@@ -80,12 +92,16 @@ __all__ = (
     "apply_updates",
     "backprop",
     "check_backprop",
+    "check_curvature",
     "checkpoint",
     "clipped_grad",
+    "curvature",
     "data",
     "data_parallel_mesh",
     "delta_recursion",
     "deltas",
+    "diag_ggn",
+    "diag_hessian",
     "dp",
     "dp_epsilon",
     "dp_grad",
@@ -94,14 +110,18 @@ __all__ = (
     "fit",
     "forward",
     "forward_cache",
+    "ggn_vector_product",
     "gradient_stats",
+    "hessian_vector_product",
     "init_params",
     "init_state",
+    "kfac_factors",
     "loss",
     "losses",
     "noisy_mean",
     "numerical_grad",
     "parallel",
+    "per_example_diag_ggn",
     "per_example_grad_norms",
     "per_example_grads",
     "process_rows",

@@ -1,13 +1,17 @@
-"""Activation functions g and their derivatives g', side by side.
+"""Activation functions g and their first and second derivatives g', g'', side by side.
 
 Each activation is an :class:`Activation` pair in the optax style: ``fn(S)`` gives
-``x = g(S)`` and ``deriv`` gives ``g'(S)`` elementwise. Where ``g'`` is cheaper from the
-layer's output (logistic: ``x (1 - x)``; tanh: ``1 - x^2``) ``uses_output`` is true and
-``deriv`` is called with ``x`` instead of ``S``.
+``x = g(S)`` and ``deriv`` gives ``g'(S)`` elementwise; ``second`` gives ``g''(S)``, which
+only the Hessian-based curvature (:mod:`handbackprop.curvature`) needs. Where a derivative is
+cheaper from the layer's output (logistic: ``x (1 - x)``; tanh: ``1 - x^2``) ``uses_output``
+is true and ``deriv`` and ``second`` are called with ``x`` instead of ``S``. A user's own
+``(g, g')`` pair has no ``g''``: the Gauss-Newton quantities still work with it, the Hessian
+ones raise.
 
 Kinks follow ``jax.nn``: ``relu'(0) = 0`` (the note writes ``g'(s) = 1 for s >= 0``, but
 defines ``g(0) = 0`` on the left piece; we take the left derivative, as ``jax.grad`` does),
-``leaky_relu'(0) = 1`` and ``elu'(0) = 1``. Leaky ReLU's slope is 0.01, ELU's alpha 1.0.
+``leaky_relu'(0) = 1`` and ``elu'(0) = 1``; second derivatives take the same sides
+(``relu'' = leaky_relu'' = 0``, ``elu''(0) = alpha``). Leaky ReLU's slope is 0.01, ELU's alpha 1.0.
 
 Softmax is not elementwise: it is only valid as the output activation, where the loss
 module applies its Jacobian (see :func:`handbackprop.losses.output_delta`).
@@ -23,14 +27,15 @@ ELU_ALPHA = 1.0  # as jax.nn.elu
 
 
 class Activation(NamedTuple):
-    """An activation g and its derivative g'.
+    """An activation g and its derivatives g' and g''.
 
     Attributes:
       name: a readable name.
       fn: ``S -> g(S)``, elementwise, any shape.
       deriv: ``g'`` elementwise; called with ``x = g(S)`` if ``uses_output`` else with ``S``.
-      uses_output: whether ``deriv`` takes the output rather than the pre-activation.
+      uses_output: whether ``deriv`` and ``second`` take the output rather than the pre-activation.
       elementwise: false only for softmax, whose derivative is a Jacobian, not a vector.
+      second: ``g''`` elementwise, called like ``deriv``; ``None`` where unknown (a user pair).
     """
 
     name: str
@@ -38,10 +43,24 @@ class Activation(NamedTuple):
     deriv: Callable | None
     uses_output: bool = False
     elementwise: bool = True
+    second: Callable | None = None
 
     def derivative(self, s, x):
         """g'(S) for pre-activations ``s`` and outputs ``x = g(s)`` of the same shape."""
         return self.deriv(x if self.uses_output else s)
+
+    def second_derivative(self, s, x):
+        """g''(S) for pre-activations ``s`` and outputs ``x = g(s)`` of the same shape.
+
+        Raises:
+          ValueError: if the activation has no ``second`` (a user ``(g, g')`` pair).
+        """
+        if self.second is None:
+            raise ValueError(
+                f"activation {self.name!r} has no second derivative g''; Hessian-based curvature "
+                "needs an Activation(name, g, g', second=g'') (the Gauss-Newton ones do not)"
+            )
+        return self.second(x if self.uses_output else s)
 
 
 def _ones(s):
@@ -60,6 +79,14 @@ def _elu_deriv(s):  # elu'(S) = 1 for S > 0, alpha e^S otherwise
     return jnp.where(s > 0, 1.0, ELU_ALPHA * jnp.exp(jnp.minimum(s, 0))).astype(s.dtype)
 
 
+def _zeros(s):
+    return jnp.zeros_like(s)
+
+
+def _elu_second(s):  # elu''(S) = 0 for S > 0, alpha e^S otherwise (the side jax.grad takes at 0)
+    return jnp.where(s > 0, 0.0, ELU_ALPHA * jnp.exp(jnp.minimum(s, 0))).astype(s.dtype)
+
+
 def _elu(s):
     return jax.nn.elu(s, ELU_ALPHA)
 
@@ -68,13 +95,16 @@ def _leaky_relu(s):
     return jax.nn.leaky_relu(s, LEAKY_SLOPE)
 
 
-identity = Activation("identity", lambda s: s, _ones)
-logistic = Activation("logistic", jax.nn.sigmoid, lambda x: x * (1 - x), uses_output=True)
-tanh = Activation("tanh", jnp.tanh, lambda x: 1 - x * x, uses_output=True)
-relu = Activation("relu", jax.nn.relu, _step)
-leaky_relu = Activation("leaky_relu", _leaky_relu, _leaky_step)
-softplus = Activation("softplus", jax.nn.softplus, jax.nn.sigmoid)
-elu = Activation("elu", _elu, _elu_deriv)
+identity = Activation("identity", lambda s: s, _ones, second=_zeros)
+logistic = Activation("logistic", jax.nn.sigmoid, lambda x: x * (1 - x), uses_output=True,
+                      second=lambda x: x * (1 - x) * (1 - 2 * x))
+tanh = Activation("tanh", jnp.tanh, lambda x: 1 - x * x, uses_output=True,
+                  second=lambda x: -2 * x * (1 - x * x))
+relu = Activation("relu", jax.nn.relu, _step, second=_zeros)
+leaky_relu = Activation("leaky_relu", _leaky_relu, _leaky_step, second=_zeros)
+softplus = Activation("softplus", jax.nn.softplus, jax.nn.sigmoid,
+                      second=lambda s: jax.nn.sigmoid(s) * jax.nn.sigmoid(-s))
+elu = Activation("elu", _elu, _elu_deriv, second=_elu_second)
 softmax = Activation(
     "softmax", lambda s: jax.nn.softmax(s, axis=-1), None, uses_output=True, elementwise=False
 )

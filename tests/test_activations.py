@@ -45,3 +45,22 @@ def test_get_resolves_names_pairs_and_rejects_the_rest():
         activations.get("gelu")
     with pytest.raises(TypeError, match=r"a \(g, g'\) pair"):
         activations.get((jnp.sin,))
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_second_derivative_equals_autodiff(name, dtype):
+    act = activations.ACTIVATIONS[name]
+    s = POINTS.astype(dtype)
+    auto = jax.vmap(jax.grad(jax.grad(act.fn)))(s)
+    got = act.second_derivative(s, act.fn(s))
+    assert got.dtype == dtype
+    # As for g': the from-output forms round x first, a few ulps of the result's scale (<= 1).
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(got, auto, rtol=16 * eps, atol=16 * eps)
+
+
+def test_a_user_pair_has_no_second_derivative():
+    act = activations.get((jnp.sin, jnp.cos))
+    with pytest.raises(ValueError, match="'sin' has no second derivative"):
+        act.second_derivative(jnp.zeros(2), jnp.zeros(2))

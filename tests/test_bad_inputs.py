@@ -26,7 +26,7 @@ from handbackprop import activations, checkpoint, cli, data, dp, losses, paralle
 
 # Plain records (NamedTuples, result dataclasses) and exception types: they hold what they
 # are given and compute nothing, so they have no bad input of their own.
-_RECORDS = {"Activation", "Cache", "ClippedGrad", "GradientReport", "GradientStats", "Loss",
+_RECORDS = {"Activation", "Cache", "ClippedGrad", "CurvatureReport", "GradientReport", "KronFactors", "GradientStats", "Loss",
             "Optimizer", "SGDState", "TrainState", "activations.Activation", "checkpoint.Checkpoint",
             "checkpoint.CheckpointError", "data.Dataset", "dp.DPSGD", "losses.Loss",
             "train.Optimizer", "train.SGDState", "train.TrainState", "ShardedData", "train.ShardedData"}
@@ -233,6 +233,15 @@ ROWS = [
     ("cli verify: --dtype float16", ["verify", "--dtype", "float16"], _cli("--dtype")),
     ("cli verify-rule: --shapes 4xa", ["verify-rule", "jax.numpy:sin", "--shapes", "4xa"], _cli("--shapes: ")),
     ("cli verify-rule: no such module", ["verify-rule", "no_such_module_xyz:f", "--shapes", "4"], _cli("MODULE:FUNCTION: cannot import")),
+    # -- curvature ------------------------------------------------------------------------------
+    ("ggn_vector_product: v of 1 layer", lambda: hbp.ggn_vector_product(NET, P, X, Y, P[:1]), _raises(ValueError, r"^v: expected a pytree like params")),
+    ("hessian_vector_product: v transposed", lambda: hbp.hessian_vector_product(NET, P, X, Y, (P[0], {**P[1], "w": P[1]["w"].T})), _raises(ValueError, r"^v: \[1\]\['w'\] has shape")),
+    ("diag_ggn: mc without key", lambda: hbp.diag_ggn(NET, P, X, Y, method="mc"), _raises(ValueError, r"^key: method='mc'")),
+    ("diag_ggn: method 'fisher'", lambda: hbp.diag_ggn(NET, P, X, Y, method="fisher"), _raises(ValueError, r"^method: ")),
+    ("per_example_diag_ggn: samples 0", lambda: hbp.per_example_diag_ggn(NET, P, X, Y, method="mc", key=KEY, samples=0), _raises(ValueError, r"^samples: ")),
+    ("kfac_factors: kfac without key", lambda: hbp.kfac_factors(NET, P, X, Y, kind="kfac"), _raises(ValueError, r"^key: kind='kfac'")),
+    ("diag_hessian: y of 3 rows", lambda: hbp.diag_hessian(NET, P, X, Y[:3]), _raises(ValueError, r"^y: ")),
+    ("check_curvature: too many parameters", lambda: hbp.check_curvature(hbp.MLP((100, 50, 2)), hbp.init_params(KEY, hbp.MLP((100, 50, 2))), jnp.ones((1, 100)), jnp.ones((1, 2))), _raises(ValueError, r"^net: check_curvature forms P x P")),
 ]
 ROW_IDS = [r[0] for r in ROWS]
 assert len(set(ROW_IDS)) == len(ROW_IDS), "row ids must be unique"
