@@ -60,11 +60,11 @@ def backward(net: MLP, params, cache, delta):
       net: the network.
       params: its parameters.
       cache: ``forward_cache(net, params, x)`` for a batch of B.
-      delta: ``delta^(L)``, (..., B, d_L); leading axes (say K columns of a factor of the
-        loss's Hessian) are carried through unchanged.
+      delta: ``delta^(L)``, (B, d_L); for several at once (say the K columns of a factor of
+        the loss's Hessian) map over them with ``jax.vmap``.
 
     Returns:
-      A tuple of L arrays, ``delta^(l)`` of shape (..., B, d_l).
+      A tuple of L arrays, ``delta^(l)`` of shape (B, d_l).
     """
     gs = net.activations
     xs, ss = cache

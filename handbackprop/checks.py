@@ -72,7 +72,7 @@ def check_like(name: str, tree, like):
     want, got = jax.tree.structure(like), jax.tree.structure(tree)
     if want != got:
         raise ValueError(f"{name}: expected a pytree like params, {want}, got {got}")
-    shapes = [(np.shape(t), np.shape(p)) for t, p in zip(jax.tree.leaves(tree), jax.tree.leaves(like))]
-    if any(s != w for s, w in shapes):
-        raise ValueError(f"{name}: expected leaf shapes {[w for _, w in shapes]}, "
-                         f"got {[s for s, _ in shapes]}")
+    for (path, t), p in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(like)):
+        if np.shape(t) != np.shape(p):
+            raise ValueError(f"{name}: {jax.tree_util.keystr(path)} has shape {np.shape(t)}, "
+                             f"expected {np.shape(p)}")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from handbackprop.activations import ACTIVATIONS
 from handbackprop.backprop import add_l2_gradient, backward, delta_recursion, gradient_sums
-from handbackprop.checks import check_int, check_key
+from handbackprop.checks import check_int, check_key, check_like
 from handbackprop.losses import _onehot
 from handbackprop.mlp import MLP, Cache, check_y, forward_cache
 
@@ -194,14 +194,8 @@ def _batch_scale(net: MLP, cache) -> float:
 
 
 def _check_like(params, v):
-    want, got = jax.tree.structure(params), jax.tree.structure(v)
-    if want != got:
-        raise ValueError(f"v: expected a pytree like params, {want}, got {got}")
-    for path, p, t in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params),
-                          jax.tree.leaves(v)):
-        if jnp.shape(t) != jnp.shape(p):
-            raise ValueError(f"v: {jax.tree_util.keystr(path[0])} has shape {jnp.shape(t)}, "
-                             f"expected {jnp.shape(p)}")
+    """``v`` checked to be like ``params``, in the parameters' dtypes."""
+    check_like("v", v, params)
     return jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
 
 
@@ -411,18 +405,7 @@ def kfac_factors(net: MLP, params, x, y, *, kind="kflr", key=None, samples=1):
     ``kron(a, g)`` approximates ``r (1/B) sum_b J_b^T H_b J_b`` (r = 1 for the mean, B for the
     sum, carried by g), as BackPACK's KFLR. No L2: a Kronecker product cannot hold it on the
     weights alone. Entry ``(i, j)`` of ``[W; b]`` (``W[i, j]``, or ``b[j]`` for ``i = d_in``)
-    is index ``i * d_out + j``:
-
-    >>> import jax, jax.numpy as jnp, handbackprop as hbp
-    >>> net = hbp.MLP((3, 2), loss="softmax_cross_entropy")
-    >>> params = hbp.init_params(jax.random.key(0), net)
-    >>> x, y = jnp.ones((1, 3)), jnp.array([1])
-    >>> (a, g), = hbp.kfac_factors(net, params, x, y)
-    >>> a.shape, g.shape, jnp.kron(a, g).shape  # (d_in + 1) d_out = 8 entries of [W; b]
-    ((4, 4), (2, 2), (8, 8))
-    >>> d = hbp.diag_ggn(net, params, x, y)[0]
-    >>> bool(jnp.allclose(jnp.diag(jnp.kron(a, g)), jnp.concatenate([d["w"], d["b"][None]]).ravel()))
-    True
+    is index ``i * d_out + j`` (see the example).
 
     Args:
       net: the network (static under ``jax.jit``).
@@ -433,6 +416,18 @@ def kfac_factors(net: MLP, params, x, y, *, kind="kflr", key=None, samples=1):
 
     Returns:
       A tuple of one :class:`KronFactors` per layer.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, handbackprop as hbp
+      >>> net = hbp.MLP((3, 2), loss="softmax_cross_entropy")
+      >>> params = hbp.init_params(jax.random.key(0), net)
+      >>> x, y = jnp.ones((1, 3)), jnp.array([1])
+      >>> (a, g), = hbp.kfac_factors(net, params, x, y)
+      >>> a.shape, g.shape, jnp.kron(a, g).shape  # (d_in + 1) d_out = 8 entries of [W; b]
+      ((4, 4), (2, 2), (8, 8))
+      >>> d = hbp.diag_ggn(net, params, x, y)[0]
+      >>> bool(jnp.allclose(jnp.diag(jnp.kron(a, g)), jnp.concatenate([d["w"], d["b"][None]]).ravel()))
+      True
     """
     _check_sampling("kind", kind, KINDS, "kfac", key, samples)
     cache, y = _prepare(net, params, x, y)
