@@ -19,10 +19,15 @@ class LeafReport:
       shape, dtype: the parameter's.
       max_abs_error: ``max |yours - autodiff|``.
       max_rel_error: ``max_abs_error / max |autodiff|``, relative to the leaf's scale.
-      index: the worst entry (largest ratio of any check), or ``None``.
-      yours, autodiff, finite_diff: the three values there (``finite_diff`` only when exhaustive).
+      index: the worst entry (largest ratio of any check), or ``None``; for a rule check's
+        block with ``output_index``, the input index of its worst Jacobian entry.
+      output_index: that entry's output index (exhaustive rule checks), else ``None``.
+      yours, autodiff, finite_diff: the three values there (``finite_diff`` only when exhaustive;
+        with ``output_index``, the Jacobian entry's: the rule's VJP row against the
+        finite-difference column).
       autodiff_ratio: ``max |yours - autodiff| / autodiff_tol``; ``None`` without that oracle.
-      autodiff_tol: at ``index``, ``atol + rtol max(max |autodiff|, σ_g / u)``, σ_g that entry's.
+      autodiff_tol: at ``index``, ``atol + rtol max(max |autodiff|, σ_g / u)``, σ_g that entry's
+        (with ``output_index``: ``64 u max |autodiff|`` over the block's Jacobian, + tiniest normal).
       coords_ratio: the worst ratio over reliable coordinates, ``None`` unless exhaustive.
       coords_unreliable: coordinates where f is not smooth at the step's scale (skipped).
       directions_ratio: the worst ratio over reliable directions (``None`` if none was reliable).
@@ -40,6 +45,7 @@ class LeafReport:
     max_abs_error: float = math.nan
     max_rel_error: float = math.nan
     index: tuple | None = None
+    output_index: tuple | None = None
     yours: float | None = None
     autodiff: float | None = None
     finite_diff: float | None = None
@@ -176,7 +182,7 @@ def _leaf_row(leaf):
     coords = _fmt(leaf.coords_ratio, ".2g") + (
         f" ({leaf.coords_unreliable} skipped)" if leaf.coords_unreliable else "")
     return (leaf.name, str(leaf.shape), _fmt(leaf.max_abs_error, ".2e"), _fmt(leaf.max_rel_error, ".2e"),
-            _fmt(leaf.index), _fmt(leaf.yours, "+.8e"), _fmt(leaf.autodiff, "+.8e"),
+            _where(leaf), _fmt(leaf.yours, "+.8e"), _fmt(leaf.autodiff, "+.8e"),
             _fmt(leaf.finite_diff, "+.8e"), _fmt(leaf.autodiff_ratio, ".2g"), coords, dirs, status)
 
 
@@ -202,13 +208,23 @@ def _verdict(report):
         f", {len(bad_layers)} of {len(report.layers)} layers" if report.layers else "")]
     for leaf in bad:
         lines.append(f"  {leaf.name}: " + (leaf.problem or (
-            f"worst at {_fmt(leaf.index)}: yours {_fmt(leaf.yours, '+.8e')}, "
+            f"worst at {_where(leaf)}: yours {_fmt(leaf.yours, '+.8e')}, "
             f"autodiff {_fmt(leaf.autodiff, '+.8e')}, finite differences {_fmt(leaf.finite_diff, '+.8e')}")))
     lines += [f"  layer {layer.layer}: {layer.diagnosis}" for layer in bad_layers]
     if report.layers and bad and not bad_layers:
         lines.append("  every delta agrees with jax.grad: the fault is in the gradient step (3.6) "
                      "or the L2 term")
     return "\n".join(lines)
+
+
+def _where(leaf):
+    """The worst entry: its index, or ``out[2, 15] / arg0[3, 1]`` for a Jacobian entry."""
+    if leaf.output_index is None:
+        return _fmt(leaf.index)
+    at = lambda name, i: name + (f"[{', '.join(map(str, i))}]" if i else "")  # noqa: E731
+    arg, _, out = leaf.name.partition(" -> ")
+    arg = arg.rpartition(": ")[2]  # "order 2: arg0"
+    return f"{at(out, leaf.output_index)} / {at(arg, leaf.index)}"
 
 
 def _jsonable(x):

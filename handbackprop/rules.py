@@ -8,7 +8,9 @@ Richardson truncation estimate, ECnoise round-off estimate and kink test, and ea
 leaves is one (input leaf, output leaf) block of the Jacobian, named ``arg0['w'] -> out[1]``.
 No tolerance grows with an array's size. Where autodiff of ``f`` itself (or of a custom rule's
 undecorated primal) is available, it is the second oracle: the rule's VJP of each cotangent
-against it entry by entry, at a round-off tolerance.
+against it entry by entry, at a round-off tolerance. Exhaustive, small Jacobians are also
+compared entry by entry (the rule's VJP rows against finite-difference columns), naming each
+block's worst entry as (output index, input index).
 
 Low-precision rules (bfloat16, float16 kernels) are judged against a high-precision reference
 (``verify_rule(reference=...)``): error allowed = 2 x the error the reference itself makes in
@@ -21,12 +23,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from handbackprop import error_model
 from handbackprop import finite_diff as fd
 from handbackprop.report import GradientReport, LeafReport
 
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+JACOBIAN_MAX = 1 << 20  # exhaustive: the whole Jacobian, entry by entry, up to this many entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,18 @@ class _Contracted:
         out = self.fn(*_merge(self.argnums, diff, fixed))
         terms = [jnp.vdot(c.astype(o.dtype), o) for c, o in zip(jax.tree.leaves(u), jax.tree.leaves(out))]
         return sum(terms[1:], terms[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """``fn``'s output leaves raveled into one vector, as a function of the differentiated
+    primals: the finite-difference Jacobian's columns are its coordinate differences."""
+
+    fn: object
+    argnums: tuple
+
+    def __call__(self, diff, fixed):
+        return ravel_pytree(self.fn(*_merge(self.argnums, diff, fixed)))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +188,72 @@ def _blocks(fn, vjp_fn, primals, argnums, *, key, num_directions, exhaustive, rt
             names=[f"{n} -> {name}" for n in in_names])
         leaves += report.leaves
         evaluations += report.evaluations
+    m, entries = sum(o.size for o in out_leaves), ()
+    if report.exhaustive and m * report.num_params <= JACOBIAN_MAX and all(r.problem is None for r in leaves):
+        try:
+            jac = [jax.vmap(lambda e, g=g: ravel_pytree(g(tuple(primals), _unravel_like(out, e)))[0])(
+                jnp.eye(m, dtype=jnp.result_type(*out_leaves))) for g in
+                   (vjp_fn, *([_jax_vjp(fn, argnums)] if autodiff else []))]
+        except Exception as e:  # noqa: BLE001 (a rule that cannot be vmapped: the blocks alone judge)
+            notes = (*notes, f"vjp_fn not vmappable ({type(e).__name__}): worst entries named by input only")
+        else:
+            leaves = _worst_entries(leaves, _Flat(fn, argnums), diff, fixed, out_leaves, jac)
+            evaluations += len(error_model.COORD_OFFSETS) * report.num_params
+            entries = ("each block's worst entry, out[..] / arg[..]: its Jacobian entry by entry, the rule's VJP "
+                       "of each output basis cotangent against central differences of f along each input "
+                       "coordinate (same tolerance, σ = u |f_o| / 2) and against autodiff's",)
     tolerances = report.tolerances + (
         "each block: φ = <u, f(x)> along directions v confined to its input leaf, u a standard normal "
-        "cotangent confined to its output leaf; 'yours' is the rule's VJP of u, 'autodiff' jax.vjp of f",)
+        "cotangent confined to its output leaf; 'yours' is the rule's VJP of u, 'autodiff' jax.vjp of f",
+        *entries)
     return GradientReport(tuple(leaves), loss=math.nan, num_params=report.num_params, evaluations=evaluations,
                           num_directions=num_directions, exhaustive=report.exhaustive,
                           tolerances=tolerances, title=title, notes=tuple(notes))
+
+
+def _unravel_like(out, flat):
+    """A flat vector as a pytree like ``out`` (shapes and dtypes of its leaves)."""
+    return ravel_pytree(jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out))[1](flat)
+
+
+def _worst_entries(rows, flat_fn, diff, fixed, out_leaves, jac):
+    """The block rows with the worst entry of each (input leaf, output leaf) block of the
+    Jacobian named: the rule's VJP rows ``jac[0]`` (one per output basis cotangent) against the
+    finite-difference columns (central differences of f along each input coordinate, at the
+    engine's steps and per-entry tolerance, σ its floor ``u |f_o| / 2``) and autodiff's rows
+    ``jac[1]`` where given, at the engine's ``64 u max |autodiff|`` over the block."""
+    out_dtype = jnp.result_type(*out_leaves)
+    values, taken = (np.asarray(a, np.float64) for a in fd.coordinate_values(
+        flat_fn, diff, (fixed,), error_model.COORD_OFFSETS, fd.relative_steps(diff, out_dtype)))
+    f0 = np.asarray(flat_fn(diff, fixed), np.float64)
+    jac = [np.asarray(j, np.float64) for j in jac]  # (outputs, inputs)
+    in_leaves = jax.tree.leaves(diff)
+    ins, outs = (np.cumsum([0] + [x.size for x in xs]) for xs in (in_leaves, out_leaves))
+    rows = list(rows)
+    for j, o in enumerate(out_leaves):
+        for i, p in enumerate(in_leaves):
+            k = j * len(in_leaves) + i
+            if not o.size or not p.size:
+                continue
+            cols, oj = slice(ins[i], ins[i + 1]), slice(outs[j], outs[j + 1])
+            v5 = np.insert(values[cols, :, oj], 2, f0[oj], axis=1).transpose(2, 0, 1).reshape(-1, 5)
+            t5 = np.broadcast_to(np.insert(taken[cols], 2, 0.0, axis=1)[None], (o.size, p.size, 5))
+            u = fd.unit_roundoff(p.dtype, o.dtype)
+            sigma = np.repeat(u * np.abs(f0[oj]) / 2, p.size)
+            yours = jac[0][oj, cols].ravel()
+            ratio, at_fd, _ = error_model._fd_check(yours, v5, t5.reshape(-1, 5), sigma)
+            entry = dict(finite_diff=at_fd, autodiff=None, autodiff_tol=None)
+            if len(jac) > 1 and np.isfinite(jac[1][oj, cols]).all():
+                a = jac[1][oj, cols].ravel()
+                tol = float(jnp.finfo(p.dtype).tiny) + error_model.AUTODIFF_ULPS * u * np.max(np.abs(a), initial=0)
+                ratio = np.fmax(ratio, np.abs(yours - a) / tol)
+                entry.update(autodiff=a, autodiff_tol=np.full(a.shape, tol))
+            w = int(np.argmax(np.nan_to_num(ratio, nan=-1.0)))
+            rows[k] = dataclasses.replace(
+                rows[k], output_index=error_model._index(w // p.size, o.shape),
+                index=error_model._index(w % p.size, p.shape), yours=float(yours[w]),
+                **{n: None if x is None else float(x[w]) for n, x in entry.items()})
+    return rows
 
 
 def _value_rows(label, got, want, rtol=None):

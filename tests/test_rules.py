@@ -417,3 +417,43 @@ def cases():
         "bfloat16 matmul + gelu": (_bf16_kernel(), bf, False),
         "bfloat16 matmul + gelu, 2% in dW": (_bf16_kernel(0.02), bf, True),
     }
+
+
+# -- exhaustive: the worst (output index, input index) entry of the Jacobian -------------------
+
+
+def test_exhaustive_names_the_worst_jacobian_entry():
+    x, w = _x((6, 5)), _x((5, 4), seed=1)
+    f = lambda x, w: (jnp.tanh(x @ w), jnp.sum(x**3, axis=1))  # noqa: E731
+
+    def vjp(primals, g, bug=False):
+        x, w = primals
+        d = g[0] * (1 - jnp.tanh(x @ w) ** 2)
+        dx = d @ w.T + 3 * x**2 * g[1][:, None]
+        if bug:  # d out[1][4] / d x[4, 2] off by 1e-3: far above float64's ~1e-10 tolerances
+            dx = dx.at[4, 2].add(1e-3 * g[1][4])
+        return dx, x.T @ d
+
+    good = hbp.verify_vjp(f, vjp, x, w)
+    assert good.ok, good
+    assert all(row.output_index is not None for row in good.leaves)
+    report = hbp.verify_vjp(f, functools.partial(vjp, bug=True), x, w)
+    assert _failing(report) == ["arg0 -> out[1]"]
+    row = next(r for r in report.leaves if not r.ok)
+    assert (row.output_index, row.index) == ((4,), (4, 2))
+    # the entry's values: the rule's off by exactly the planted 1e-3 from autodiff and from
+    # finite differences (those agree to float64's truncation, ~1e-10 at h = cbrt(u))
+    assert abs(row.yours - row.autodiff - 1e-3) < 1e-12 and abs(row.finite_diff - row.autodiff) < 1e-8
+    assert "arg0 -> out[1]: worst at out[1][4] / arg0[4, 2]: yours" in str(report)
+
+
+def test_exhaustive_rule_check_names_the_pair_and_gradient_text_is_unchanged():
+    x = _x((8, 8))
+    report = hbp.verify_rule(_tanh_rule(entry=(3, 7)), x)
+    assert _failing(report) == ["arg0 -> out"]
+    assert (report.leaves[0].output_index, report.leaves[0].index) == ((3, 7), (3, 7))
+    assert "arg0 -> out: worst at out[3, 7] / arg0[3, 7]:" in str(report)
+    # a scalar loss has no output index: verify_gradient's rows carry none
+    grad = hbp.verify_gradient(lambda p: jnp.sum(jnp.tanh(p) ** 2), lambda p: 0.0 * p, x)
+    assert not grad.ok and all(r.output_index is None for r in grad.leaves)
+    assert "worst at (" in str(grad)
