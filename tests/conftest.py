@@ -44,8 +44,8 @@ def make_problem(net, batch, seed=0, dtype=jnp.float64):
 
 def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
     """Leaf by leaf ``|a - e| <= atol + rtol |e|``, with matching structure and shapes, and
-    ``actual``'s dtypes those of ``expected`` where it holds JAX arrays, or ``dtype`` when given
-    (a float32 result against a float64 oracle)."""
+    ``actual``'s dtypes those of ``expected`` where it holds JAX arrays, or, for floating leaves,
+    ``dtype`` when given (a float32 result against a float64 oracle)."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected), what
     for path, a, e in zip(
         jax.tree_util.tree_flatten_with_path(actual)[0],
@@ -53,8 +53,11 @@ def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
         jax.tree.leaves(expected),
     ):
         assert np.shape(a) == np.shape(e), (what, path[0], np.shape(a), np.shape(e))
-        if dtype is not None or isinstance(e, jax.Array):
-            want = e.dtype if dtype is None else jnp.dtype(dtype)
+        if dtype is not None and jnp.issubdtype(jnp.result_type(e), jnp.floating):
+            want = jnp.dtype(dtype)
+        else:
+            want = e.dtype if isinstance(e, jax.Array) else None
+        if want is not None:
             assert jnp.result_type(a) == want, (what, path[0], jnp.result_type(a), want)
         np.testing.assert_allclose(
             np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
