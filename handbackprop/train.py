@@ -401,7 +401,7 @@ def _gradient(net: MLP, params, x, y, mask, key, batch_size, mesh, dp):
 
 def _check_epoch(net, optimizer, batch_size, state, x, y, mesh):
     """:func:`train_epoch`'s checks, once before the scan; ``(x, y, n)``."""
-    _check_net(net)
+    check_net(net)
     _check_optimizer(optimizer)
     if not isinstance(state, TrainState):
         raise TypeError(f"state: expected a TrainState (see init_state), got "
@@ -449,11 +449,6 @@ def _state_layout(optimizer, treedef, leaves):
     params = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in leaves])
     want = jax.eval_shape(optimizer.init, params)
     return jax.tree.structure(want), [np.shape(a) for a in jax.tree.leaves(want)]
-
-
-def _check_net(net):
-    if not isinstance(net, MLP):
-        raise TypeError(f"net: expected an MLP, got {type(net).__name__}")
 
 
 def _check_optimizer(optimizer):
@@ -504,7 +499,7 @@ def evaluate(net: MLP, params, x, y) -> dict:
       ``r2_score``: 1 - SS_res / SS_tot per output, averaged; ``mse`` over every entry).
       Each a scalar of the parameters' dtype.
     """
-    _check_net(net)
+    check_net(net)
     check_y(net, check_x(net, params, x), y)
     return _evaluate(net, params, x, y)
 
@@ -622,7 +617,7 @@ def fit(net: MLP, optimizer, train_data, *, epochs: int, batch_size: int, key=No
       ValueError, TypeError: for bad settings, data or labels, naming the argument, before
         any computation.
     """
-    _check_net(net)
+    check_net(net)
     _check_optimizer(optimizer)
     check_int("epochs", epochs, 1)
     check_int("initial_epoch", initial_epoch, 0, epochs)
