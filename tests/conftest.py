@@ -4,6 +4,8 @@ float64 is enabled and rank promotion is an error (a (n,1) vs (n,) slip fails lo
 process keeps one CPU device (multi-device tests run in subprocesses).
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,25 @@ def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
             np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
             err_msg=f"{what} at {jax.tree_util.keystr(path[0])}",
         )
+
+
+def covering(cases, strength=2):
+    """A grid's cases as ``pytest.param``s, all but a covering subset marked ``slow``.
+
+    The subset (greedy, each pick covering the most still-uncovered combinations) holds every
+    combination of values of any ``strength`` parameters that the grid holds: with 2,
+    ``pytest -m "not slow"`` meets each activation with each loss, each depth with bias on and
+    off, and so on, in a few percent of the cases (1: each value once; 0: the first case alone); the full suite still
+    runs the whole grid.
+    """
+    cases = [tuple(c) for c in cases]
+    combos = [set(itertools.combinations(enumerate(c), strength)) for c in cases]
+    uncovered, keep = set().union(*combos), set()
+    while uncovered:
+        best = max(range(len(cases)), key=lambda k: len(combos[k] & uncovered))
+        keep.add(best)
+        uncovered -= combos[best]
+    return [pytest.param(*c, marks=() if k in keep else pytest.mark.slow) for k, c in enumerate(cases)]
 
 
 @pytest.fixture

@@ -241,6 +241,7 @@ def test_readme_block(results, tmp_path):
         readme_table.main([str(folder), "--write", str(readme)])
 
 
+@pytest.mark.slow
 def test_replot_redraws_the_plots_from_the_saved_json(results, tmp_path):
     folder, outcomes = results
     for name in ("per_example", "training", "accuracy"):
@@ -251,6 +252,7 @@ def test_replot_redraws_the_plots_from_the_saved_json(results, tmp_path):
     assert all((tmp_path / p).read_bytes().startswith(PNG) for p in drawn)
 
 
+@pytest.mark.slow
 def test_plots_root_makes_links_relative_to_it(results, tmp_path):
     folder, _ = results
     page = tmp_path / "docs" / "page.md"

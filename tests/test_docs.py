@@ -115,6 +115,7 @@ def python_results(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # every page's blocks run in one subprocess: ~40 s
 @pytest.mark.parametrize("page", [p for p in PAGES if _runnable(p)], ids=_id)
 def test_python_blocks_run_and_print_what_the_page_says(page, python_results):
     runnable, results = _runnable(page), python_results[_id(page)]

@@ -161,6 +161,7 @@ def test_poisson_dp_over_a_mesh_equals_one_device(checks, dtype):
     _assert_close(arrays, f"poisson/{dtype}/softmax_mean_l2", TOL[dtype])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sharded_training_matches_single_device(checks, dtype):
     _assert_close(checks[0], f"train/{dtype}", TRAIN_TOL[dtype])  # parameters and losses

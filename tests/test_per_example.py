@@ -11,12 +11,13 @@ of eps32 ~ 6e-8 each on O(1) values, so rtol = 1e-4 with an absolute floor keeps
 """
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ACTIVATIONS, LOSSES, assert_trees_close, make_problem
+from conftest import ACTIVATIONS, LOSSES, assert_trees_close, covering, make_problem
 
 import handbackprop as hbp
 
@@ -58,7 +59,7 @@ CASES = [(a, loss, None) for a in ACTIVATIONS for loss in LOSSES] + [
 ]
 
 
-@pytest.mark.parametrize("activation, loss, output_activation", CASES)
+@pytest.mark.parametrize("activation, loss, output_activation", covering(CASES, 1))
 def test_per_example_grads_equal_vmap_grad_and_loop(activation, loss, output_activation):
     for bias in (True, False):
         net = _net(activation, loss, bias, output_activation=output_activation)
@@ -76,8 +77,7 @@ def test_per_example_grads_equal_vmap_grad_and_loop(activation, loss, output_act
                 assert_trees_close(mean, hbp.backprop(net, params, x, y), **EXACT64, what=what)
 
 
-@pytest.mark.parametrize("bias", (True, False))
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss, bias", covering(itertools.product(LOSSES, (True, False)), 1))
 def test_norms_clipping_and_stats_equal_materialised(loss, bias):
     net = _net("elu", loss, bias)
     params, x, y = make_problem(net, 9, seed=3)

@@ -151,6 +151,7 @@ def test_dp_epoch_steps_are_dp_grad_with_fresh_keys(small, xor):
     assert not _tree_equal(other.params, new.params)
 
 
+@pytest.mark.slow
 def test_poisson_dp_epoch_steps(small, xor):
     """With ``dp.poisson``, step t draws poisson_batch(key_t) and takes the noisy clipped sum of
     the chosen examples over B; replayed here from the same keys (float64, a few ulps)."""
