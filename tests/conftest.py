@@ -73,8 +73,8 @@ def covering(cases, strength=2):
     The subset (greedy, each pick covering the most still-uncovered combinations) holds every
     combination of values of any ``strength`` parameters that the grid holds: with 2,
     ``pytest -m "not slow"`` meets each activation with each loss, each depth with bias on and
-    off, and so on, in a few percent of the cases (1: each value once; 0: the first case alone); the full suite still
-    runs the whole grid.
+    off, and so on, in a few percent of the cases (1: each value once; 0: the first case
+    alone); the full suite still runs the whole grid.
     """
     cases = [tuple(c) for c in cases]
     combos = [set(itertools.combinations(enumerate(c), strength)) for c in cases]
