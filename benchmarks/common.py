@@ -20,6 +20,7 @@ import warnings
 
 import jax
 import jax.monitoring
+import numpy as np
 
 RESULTS = pathlib.Path(os.environ.get("HANDBACKPROP_RESULTS", "benchmarks/results"))
 
@@ -134,6 +135,24 @@ def save(name: str, result: dict, results_dir=None) -> pathlib.Path:
     path = folder / f"{name}.json"
     payload = {"benchmark": name, "environment": environment(), **result}
     path.write_text(json.dumps(payload, indent=2, default=float))
+    return path
+
+
+def plot_power_law(ax, fit, color):
+    """The fitted line ``t = exp(intercept) n^slope`` over the fit's window (log-log axes)."""
+    w = np.array(fit["window"], float)
+    ax.plot(w, np.exp(fit["intercept"] + fit["slope"] * np.log(w)), color=color)
+
+
+def save_loglog(fig, ax, path, **labels):
+    """Log-log axes with ``labels`` (xlabel, ylabel, title), a legend and a grid, saved as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set(xscale="log", yscale="log", **labels)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     return path
 
 

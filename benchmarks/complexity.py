@@ -218,17 +218,12 @@ def plot(result, folder):
         label = LABELS[m] + ("" if fit["slope"] is None else f": slope {fit['slope']:.2f}")
         line = ax.errorbar(n, t, yerr=[t - lo, hi - t], marker=marker, ls="none", label=label)[0]
         if fit["slope"] is not None:
-            w = np.array(fit["window"], float)
-            ax.plot(w, np.exp(fit["intercept"] + fit["slope"] * np.log(w)), color=line.get_color())
+            common.plot_power_law(ax, fit, line.get_color())
     ax.plot([r["n"] for r in result["rows"]], [r["dispatch_s"] for r in result["rows"]],
             "k:", label="dispatch floor (jitted no-op)")
-    ax.set(xscale="log", yscale="log", xlabel="number of weights n", ylabel="median time (s)",
-           title=f"Full gradient, batch {result['config']['batch']}, {result['dtype']}")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(True, which="both", alpha=0.3)
-    path = folder / "complexity.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    path = common.save_loglog(fig, ax, folder / "complexity.png", xlabel="number of weights n",
+                              ylabel="median time (s)",
+                              title=f"Full gradient, batch {result['config']['batch']}, {result['dtype']}")
     return [path]
 
 

@@ -230,15 +230,10 @@ def plot(result, folder):
         t = np.array([r[m]["median_s"] for r in result["hessian_rows"] if m in r])
         fit = result["fits"][m]
         line = ax.plot(n, t, marker, label=f"{labels[m]}: exponent {fit['slope']:.2f}")[0]
-        w = np.array(fit["window"], float)
-        ax.plot(w, np.exp(fit["intercept"] + fit["slope"] * np.log(w)), color=line.get_color())
-    ax.set(xscale="log", yscale="log", xlabel="number of parameters n", ylabel="median time (s)",
-           title=f"Exact Hessian diagonal, MLP((w, w, w)), batch {result['hessian_batch']}, {result['dtype']}")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(True, which="both", alpha=0.3)
-    path = folder / "curvature_diag_hessian.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        common.plot_power_law(ax, fit, line.get_color())
+    path = common.save_loglog(
+        fig, ax, folder / "curvature_diag_hessian.png", xlabel="number of parameters n", ylabel="median time (s)",
+        title=f"Exact Hessian diagonal, MLP((w, w, w)), batch {result['hessian_batch']}, {result['dtype']}")
     return paths + [path]
 
 

@@ -120,8 +120,17 @@ def gradient_sums(net: MLP, xs, ds):
     for a, d in zip(xs, ds):
         # Gradient (3.6): de/dw_ij^(l) = x_i^(l-1) delta_j^(l), summed over the batch;
         # dS_j/db_j = 1.
-        out.append({"w": a.T @ d, "b": jnp.sum(d, axis=0)} if net.bias else {"w": a.T @ d})
+        out.append({"w": batch_outer(a, d), "b": jnp.sum(d, axis=0)} if net.bias else {"w": batch_outer(a, d)})
     return tuple(out)
+
+
+def batch_outer(a, d):
+    """``sum_b a_b d_b^T = a^T d``: (B, m), (B, n) -> (m, n), the batch sum of (3.6)'s outer products.
+
+    For one column (n = 1, a scalar output) XLA's CPU backend rewrites ``a.T @ d`` as a strided
+    reduction over the batch, several times slower than the product ``(d.T @ a).T`` it keeps.
+    """
+    return (d.T @ a).T if d.shape[-1] == 1 else a.T @ d
 
 
 class Sums(NamedTuple):

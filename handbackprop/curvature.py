@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from handbackprop.activations import ACTIVATIONS
-from handbackprop.backprop import add_l2_gradient, backward, delta_recursion, gradient_sums
+from handbackprop.backprop import add_l2_gradient, backward, batch_outer, delta_recursion, gradient_sums
 from handbackprop.checks import check_int, check_key, check_like
 from handbackprop.losses import _onehot
 from handbackprop.mlp import MLP, Cache, check_y, forward_cache
@@ -159,10 +159,37 @@ def _diagonal_columns(rho):
     return eye[:, None, :] * jnp.sqrt(jnp.abs(rho))[None], jnp.sign(rho).T
 
 
-def _apply_columns(cols, u, signs=None):
-    """``sum_c signs[c, b] cols[c, b] <cols[c, b], u_b>``, (B, K): a factored matrix times u."""
-    coef = jnp.einsum("cbk,bk->cb", cols, u)
-    return jnp.einsum("cb,cbk->bk", coef if signs is None else signs * coef, cols)
+def _output_jvp(net: MLP, s, o, u):
+    """``(do/dS^(L)) u`` per example, (B, K); the Jacobian is symmetric (``diag(o) - o o^T`` for softmax)."""
+    act = net.activations[-1]
+    if act.elementwise:
+        return act.derivative(s, o) * u
+    return o * (u - jnp.sum(o * u, axis=-1, keepdims=True))
+
+
+def loss_hessian_product(net: MLP, s, o, y, u):
+    """``H_b u_b`` per example, (B, K): H of :func:`output_factor`, applied without its K columns.
+
+    For the cross-entropies H is the output activation's Jacobian (``diag(p) - p p^T`` times the
+    row sum r, ``sigma (1 - sigma)``); for squared error it is ``J^T J`` with ``J = do/dS``.
+    """
+    ju = _output_jvp(net, s, o, u)
+    if net.loss == "squared_error":
+        return _output_jvp(net, s, o, ju)
+    if net.loss == "softmax_cross_entropy":
+        return jnp.sum(_onehot(s, y), axis=-1, keepdims=True) * ju
+    return ju
+
+
+def residual_product(net: MLP, s, o, y, u):
+    """``(d^2 e / dS^2 - H) u`` per example, (B, K): :func:`output_residual` applied; 0 if canonical."""
+    if _is_canonical(net):
+        return jnp.zeros_like(u)
+    if net.activations[-1].elementwise:
+        return _output_residual_diagonal(net, s, o, y) * u
+    r = o - y  # softmax output: (diag(a) - o a^T - a o^T) u
+    a = o * (r - jnp.sum(o * r, axis=-1, keepdims=True))
+    return a * u - o * jnp.sum(a * u, axis=-1, keepdims=True) - a * jnp.sum(o * u, axis=-1, keepdims=True)
 
 
 UNROLL_COLUMNS = 64  # up to this many factor columns, their squares are summed slice by slice
@@ -244,7 +271,7 @@ def _layer_diagonals(net: MLP, xs, squares, scale, per_example=False):
         if per_example:
             layer = {"w": (x * x)[:, :, None] * sq[:, None, :], "b": sq}
         else:
-            layer = {"w": scale * ((x * x).T @ sq), "b": scale * jnp.sum(sq, axis=0)}
+            layer = {"w": scale * batch_outer(x * x, sq), "b": scale * jnp.sum(sq, axis=0)}
         out.append(layer if net.bias else {"w": layer["w"]})
     return tuple(out)
 
@@ -307,7 +334,7 @@ def ggn_vector_product(net: MLP, params, x, y, v):
     cache, y = _prepare(net, params, x, y)
     v = _check_like(params, v)
     _, rss = _tangent_forward(net, params, cache, v)
-    top = _apply_columns(output_factor(net, cache.ss[-1], cache.xs[-1], y), rss[-1])
+    top = loss_hessian_product(net, cache.ss[-1], cache.xs[-1], y, rss[-1])
     ds = backward(net, params, cache, _batch_scale(net, cache) * top)
     return add_l2_gradient(net, v, gradient_sums(net, cache.xs[:-1], ds))
 
@@ -338,11 +365,7 @@ def hessian_vector_product(net: MLP, params, x, y, v):
     ds = delta_recursion(net, params, cache, y, scale)
     s, o = ss[-1], xs[-1]
     # R of the base case (3.4): R{delta^(L)} = d^2 e / dS^2 R{S^(L)} = (H + residual) R{S^(L)}.
-    rd = _apply_columns(output_factor(net, s, o, y), rss[-1])
-    residual = output_residual(net, s, o, y)
-    if residual is not None:
-        rd = rd + _apply_columns(residual[0], rss[-1], residual[1])
-    rds = [scale * rd]
+    rds = [scale * (loss_hessian_product(net, s, o, y, rss[-1]) + residual_product(net, s, o, y, rss[-1]))]
     for l in range(net.num_layers - 1, 0, -1):  # params[l] is W^(l+1), 0-based
         w, g = params[l]["w"], net.activations[l - 1]
         back = ds[l] @ w.T
@@ -352,7 +375,7 @@ def hessian_vector_product(net: MLP, params, x, y, v):
                    + back * g.second_derivative(ss[l - 1], xs[l]) * rss[l - 1])
     grads = gradient_sums(net, xs[:-1], rds[::-1])  # x^T R{delta}, sum_b R{delta}
     # R of (3.6): R{dE/dW} = R{x}^T delta + x^T R{delta} (R{x^(0)} = 0).
-    grads = tuple({**gr, "w": gr["w"] + rx.T @ d} if l else gr
+    grads = tuple({**gr, "w": gr["w"] + batch_outer(rx, d)} if l else gr
                   for l, (gr, rx, d) in enumerate(zip(grads, rxs, ds)))
     return add_l2_gradient(net, v, grads)
 

@@ -1,10 +1,17 @@
 """Test configuration and shared helpers.
 
 float64 is enabled and rank promotion is an error (a (n,1) vs (n,) slip fails loudly); the
-process keeps one CPU device (multi-device tests run in subprocesses).
+process keeps one CPU device (multi-device tests run in subprocesses). Compiled programs go
+to JAX's persistent compilation cache (``.jax_cache/``, or ``$JAX_COMPILATION_CACHE_DIR``),
+shared by the test processes and kept between runs: most of the suite's time is compiling
+small programs, and a program compiled once, by either process or an earlier run, is read
+back (keyed by its HLO, the compile options and the jaxlib version, so an edit recompiles;
+nothing is evicted: delete the folder to reclaim its space, a few tens of MB per version).
 """
 
 import itertools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +20,20 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache every program
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 import handbackprop as hbp  # noqa: E402
+
+MAX_WORKERS = 4  # each test process holds its own JAX and compile caches; XLA threads big ops itself
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one test process per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
 
 LOSSES = ("squared_error", "binary_cross_entropy", "softmax_cross_entropy")
 ACTIVATIONS = ("identity", "logistic", "tanh", "relu", "leaky_relu", "softplus", "elu")
@@ -67,17 +86,19 @@ def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
         )
 
 
-def covering(cases, strength=2):
+def covering(cases, strength=2, over=None):
     """A grid's cases as ``pytest.param``s, all but a covering subset marked ``slow``.
 
     The subset (greedy, each pick covering the most still-uncovered combinations) holds every
     combination of values of any ``strength`` parameters that the grid holds: with 2,
     ``pytest -m "not slow"`` meets each activation with each loss, each depth with bias on and
     off, and so on, in a few percent of the cases (1: each value once; 0: the first case
-    alone); the full suite still runs the whole grid.
+    alone); the full suite still runs the whole grid. ``over``: the positions of the
+    parameters to cover (default all), for a test whose concern is some of them.
     """
     cases = [tuple(c) for c in cases]
-    combos = [set(itertools.combinations(enumerate(c), strength)) for c in cases]
+    over = range(len(cases[0])) if over is None else over
+    combos = [set(itertools.combinations([(i, c[i]) for i in over], strength)) for c in cases]
     uncovered, keep = set().union(*combos), set()
     while uncovered:
         best = max(range(len(cases)), key=lambda k: len(combos[k] & uncovered))

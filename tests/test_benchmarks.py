@@ -30,6 +30,7 @@ ENVIRONMENT = {"date", "jax", "jaxlib", "backend", "device_kind", "device_count"
 TIMING = {"compile_s", "median_s", "min_s", "max_s", "iqr_s", "repeats", "recompiled"}
 # Every benchmark: each --quick mode takes seconds on two cores (about a minute in all).
 SMOKE = runner.BENCHMARKS
+pytestmark = pytest.mark.xdist_group("benchmarks")  # one test process: the smoke run's fixture, once
 
 
 def installed(module) -> bool:

@@ -151,6 +151,30 @@ def test_monte_carlo_diagonal_and_kfac_are_unbiased(loss, out_act):
         assert bool(jnp.all(jnp.abs(m - e) <= 5 * sd / math.sqrt(2000) + 1e3 * EPS * (jnp.abs(e) + 1)))
 
 
+@pytest.mark.parametrize("loss,out_act", HEADS + (("softmax_cross_entropy", "rows"),))
+def test_loss_hessian_products_equal_the_factor_columns(loss, out_act):
+    """The H products the vector products use and the factor columns the diagonals use hold the
+    same matrices: ``H u = sum_c F_c <F_c, u>`` and the residual likewise, per example."""
+    from handbackprop import curvature
+
+    net = hbp.MLP((2, 4), activation="tanh", output_activation=None if out_act == "rows" else out_act, loss=loss)
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    s, u = jax.random.normal(k1, (5, 4)), jax.random.normal(k2, (5, 4))
+    o = net.activations[-1].fn(s)
+    y = make_problem(net, 5)[2] if out_act != "rows" else jax.nn.softmax(jax.random.normal(k3, (5, 4)))
+    y = hbp.mlp.check_y(net, s, y)
+
+    def apply(cols, signs=None):
+        coef = jnp.einsum("cbk,bk->cb", cols, u)
+        return jnp.einsum("cb,cbk->bk", coef if signs is None else signs * coef, cols)
+
+    np.testing.assert_allclose(curvature.loss_hessian_product(net, s, o, y, u),
+                               apply(curvature.output_factor(net, s, o, y)), rtol=0, atol=64 * EPS)
+    residual = curvature.output_residual(net, s, o, y)
+    expected = jnp.zeros_like(u) if residual is None else apply(*residual)
+    np.testing.assert_allclose(curvature.residual_product(net, s, o, y, u), expected, rtol=0, atol=64 * EPS)
+
+
 def test_softmax_probability_rows():
     net = hbp.MLP((3, 4, 3), activation="tanh", loss="softmax_cross_entropy")
     params, x, _ = make_problem(net, 4)

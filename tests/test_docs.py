@@ -35,6 +35,7 @@ FENCE = re.compile(r"(?P<skip><!-- docs-test: skip \((?P<why>[^)]+)\) -->\n)?"
                    r"^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```\n"
                    r"(?:\n```text\n(?P<out>.*?)^```\n)?", re.MULTILINE | re.DOTALL)
 SHELL = {"bash", "sh", "console", "shell"}
+pytestmark = pytest.mark.xdist_group("docs")  # one test process: the docs' subprocess fixture, once
 
 
 def _load(name, path):

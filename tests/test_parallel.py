@@ -38,6 +38,7 @@ WORKER = pathlib.Path(__file__).with_name("parallel_worker.py")
 TIMEOUT_S = 240  # generous: a busy two-core machine; a hung collective must not hang the suite
 TOL = {"float32": 2e-6, "float64": 1e-12}
 TRAIN_TOL = {"float32": 2e-5, "float64": 1e-12}
+pytestmark = pytest.mark.xdist_group("parallel")  # one test process: the device subprocesses' fixtures, once
 
 
 def _worker_module():

@@ -59,25 +59,27 @@ CASES = [(a, loss, None) for a in ACTIVATIONS for loss in LOSSES] + [
 ]
 
 
-@pytest.mark.parametrize("activation, loss, output_activation", covering(CASES, 1))
-def test_per_example_grads_equal_vmap_grad_and_loop(activation, loss, output_activation):
-    for bias in (True, False):
-        net = _net(activation, loss, bias, output_activation=output_activation)
-        for batch in (1, 9):
-            params, x, y = make_problem(net, batch, seed=batch + bias)
-            oracle = _vmap_grad(net, params, x, y)
-            assert_trees_close(_loop(net, params, x, y), oracle, **EXACT64, what="loop")
-            for method in ("outer", "vmap"):
-                what = f"{method}, bias={bias}, B={batch}"
-                g = hbp.per_example_grads(net, params, x, y, method=method)
-                assert_trees_close(g, oracle, **EXACT64, what=what)
-                # Mean plus the L2 term is the batch gradient (net.reduction is "mean").
-                mean = jax.tree.map(lambda a: jnp.mean(a, axis=0), g)
-                mean = tuple({**m, "w": m["w"] + net.l2 * p["w"]} for m, p in zip(mean, params))
-                assert_trees_close(mean, hbp.backprop(net, params, x, y), **EXACT64, what=what)
+# Fast: each loss, output head, bias setting and batch size once (the activations' own
+# derivatives are test_backprop's); the full suite runs every combination.
+@pytest.mark.parametrize("activation, loss, output_activation, bias, batch",
+                         covering([c + (bias, batch) for c in CASES for bias in (True, False) for batch in (1, 9)],
+                                  1, over=(1, 2, 3, 4)))
+def test_per_example_grads_equal_vmap_grad_and_loop(activation, loss, output_activation, bias, batch):
+    net = _net(activation, loss, bias, output_activation=output_activation)
+    params, x, y = make_problem(net, batch, seed=batch + bias)
+    oracle = _vmap_grad(net, params, x, y)
+    assert_trees_close(_loop(net, params, x, y), oracle, **EXACT64, what="loop")
+    for method in ("outer", "vmap"):
+        g = hbp.per_example_grads(net, params, x, y, method=method)
+        assert_trees_close(g, oracle, **EXACT64, what=method)
+        # Mean plus the L2 term is the batch gradient (net.reduction is "mean").
+        mean = jax.tree.map(lambda a: jnp.mean(a, axis=0), g)
+        mean = tuple({**m, "w": m["w"] + net.l2 * p["w"]} for m, p in zip(mean, params))
+        assert_trees_close(mean, hbp.backprop(net, params, x, y), **EXACT64, what=method)
 
 
-@pytest.mark.parametrize("loss, bias", covering(itertools.product(LOSSES, (True, False)), 1))
+# Fast: bias on and off (the losses' base cases are test_backprop's and the test above's).
+@pytest.mark.parametrize("loss, bias", covering(itertools.product(LOSSES, (True, False)), 1, over=(1,)))
 def test_norms_clipping_and_stats_equal_materialised(loss, bias):
     net = _net("elu", loss, bias)
     params, x, y = make_problem(net, 9, seed=3)
