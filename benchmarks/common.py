@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -98,7 +99,8 @@ def timeit(fn, *args, repeats=20, min_seconds=0.0) -> dict:
 
 def timeit_interleaved(fns: dict, *args, repeats=20, min_seconds=0.0) -> dict:
     """Time several jitted variants of one computation, interleaving their repeats so that
-    a noisy neighbour slows them all alike. Returns ``{name: timeit-style dict}``.
+    a noisy neighbour slows them all alike, in a fresh random order each round (seeded).
+    Returns ``{name: timeit-style dict}``.
 
     ``repeats`` is a minimum: with ``min_seconds``, fast functions repeat until each variant
     has run about that long (estimated from one warm call), so that the median of sub-
@@ -114,8 +116,11 @@ def timeit_interleaved(fns: dict, *args, repeats=20, min_seconds=0.0) -> dict:
         jax.block_until_ready(f(*args))
         warm = max(warm, time.perf_counter() - t0)
     repeats = max(repeats, int(min_seconds / max(warm, 1e-9)))
+    order, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, f in fns.items():
+        rng.shuffle(order)  # a fixed order would give each variant the same predecessor's caches
+        for k in order:
+            f = fns[k]
             compiles = compile_count()
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))
