@@ -13,7 +13,8 @@ Newton matrix is ``G = r_B sum_b J_b^T H_b J_b`` (``r_B = 1/B`` for the mean, 1 
 plus ``l2`` on the weight entries. Each ``H_b`` is written in S-space as ``F_b F_b^T`` with K
 factor columns (``F = diag(sqrt p) - p sqrt(p)^T`` for softmax), and a column of F is sent down
 the network exactly like a delta, by the inductive step (3.5)
-(:func:`handbackprop.backprop.backward`, the K columns as a leading axis):
+(:func:`handbackprop.backprop.backward`, the K columns as a leading axis); the vector
+products need no columns and apply H_b to the tangent directly (:func:`loss_hessian_product`):
 
     G v            R{S^(l)} = R{x^(l-1)} W + x^(l-1) V + R{b},  R{x^(l)} = g'(S^(l)) R{S^(l)}
                    (a tangent forward pass), then H R{S^(L)} backwards by (3.5) and (3.6)
