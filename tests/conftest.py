@@ -27,7 +27,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 import handbackprop as hbp  # noqa: E402
 
-MAX_WORKERS = 4  # each test process holds its own JAX and compile caches; XLA threads big ops itself
+MAX_WORKERS = 4  # each test process holds its own JAX runtime (~2 GB resident here); XLA threads big ops
 
 
 def pytest_xdist_auto_num_workers(config):
