@@ -140,13 +140,18 @@ def output_residual(net: MLP, s, o, y):
         return None
     if net.activations[-1].elementwise:
         return _diagonal_columns(_output_residual_diagonal(net, s, o, y))
-    r = o - y
-    a = o * (r - jnp.sum(o * r, axis=-1, keepdims=True))
+    a = _softmax_residual_vector(o, y)
     cols, signs = _diagonal_columns(a)
     half = jnp.sqrt(jnp.asarray(0.5, s.dtype))
     ones = jnp.ones((1,) + s.shape[:1], s.dtype)
     return (jnp.concatenate([cols, half * (o + a)[None], half * (o - a)[None]]),
             jnp.concatenate([signs, -ones, ones]))
+
+
+def _softmax_residual_vector(o, y):
+    """Squared error through a softmax output: ``a = o (r - <o, r>)``, ``r = o - y``, (B, K)."""
+    r = o - y
+    return o * (r - jnp.sum(o * r, axis=-1, keepdims=True))
 
 
 def _output_residual_diagonal(net: MLP, s, o, y):
@@ -188,8 +193,7 @@ def residual_product(net: MLP, s, o, y, u):
         return jnp.zeros_like(u)
     if net.activations[-1].elementwise:
         return _output_residual_diagonal(net, s, o, y) * u
-    r = o - y  # softmax output: (diag(a) - o a^T - a o^T) u
-    a = o * (r - jnp.sum(o * r, axis=-1, keepdims=True))
+    a = _softmax_residual_vector(o, y)  # softmax output: (diag(a) - o a^T - a o^T) u
     return a * u - o * jnp.sum(a * u, axis=-1, keepdims=True) - a * jnp.sum(o * u, axis=-1, keepdims=True)
 
 
