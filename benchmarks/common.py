@@ -133,6 +133,16 @@ def timeit_interleaved(fns: dict, *args, repeats=20, min_seconds=0.0) -> dict:
     return out
 
 
+def compiled_cost(fn, *args) -> dict:
+    """XLA's own count of the work in ``fn``'s optimised program (jitted): ``{"flops", "bytes"}``.
+
+    Two routes whose counts agree run the same arithmetic, so their time ratio is 1 up to noise.
+    """
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
+    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
+
+
 def save(name: str, result: dict, results_dir=None) -> pathlib.Path:
     """Write ``{"benchmark": name, "environment": ..., **result}`` to ``<results>/<name>.json``."""
     folder = pathlib.Path(results_dir or RESULTS)

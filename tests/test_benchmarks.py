@@ -205,6 +205,25 @@ def test_complexity_figures(results):
 
 
 @pytest.mark.slow
+def test_curvature_figures(results):
+    payload = _payload(results, "curvature")
+    from benchmarks.curvature import PAIRS
+
+    for name in payload["networks"]:
+        # float32 against its autodiff route, relative to the quantity's largest entry: the two
+        # sum the same products in other orders (measured 1-3 eps here and at full size), so
+        # 64 eps (7.6e-6) bounds the rounding; a missing or wrong term is of order 1.
+        assert set(payload["agreement"][name]) == {ours for ours, *_ in PAIRS}
+        assert all(err < 64 * 2.0 ** -23 for err in payload["agreement"][name].values()), payload["agreement"]
+        for _, _, key in PAIRS[:2]:  # XLA's count of the work: the autodiff route's, not one product more
+            for unit in ("flops", "bytes"):
+                ratio = payload["summary"][f"{name}_{key}_vs_autodiff_{unit}"]
+                assert abs(ratio - 1) < 0.05, (name, key, unit, ratio)
+    assert {"slope_diag_hessian", "slope_autodiff_diag_hessian"} <= set(payload["summary"])
+    assert [r["n"] for r in payload["hessian_rows"]] == sorted(r["n"] for r in payload["hessian_rows"])
+
+
+@pytest.mark.slow
 def test_summary_and_plots(results):
     folder, outcomes = results
     summary = (folder / "summary.md").read_text()
