@@ -86,7 +86,7 @@ def assert_trees_close(actual, expected, rtol, atol, what="", dtype=None):
         )
 
 
-def covering(cases, strength=2, over=None):
+def covering(cases, strength=2, over=None, ids=None):
     """A grid's cases as ``pytest.param``s, all but a covering subset marked ``slow``.
 
     The subset (greedy, each pick covering the most still-uncovered combinations) holds every
@@ -94,7 +94,8 @@ def covering(cases, strength=2, over=None):
     ``pytest -m "not slow"`` meets each activation with each loss, each depth with bias on and
     off, and so on, in a few percent of the cases (1: each value once; 0: the first case
     alone); the full suite still runs the whole grid. ``over``: the positions of the
-    parameters to cover (default all), for a test whose concern is some of them.
+    parameters to cover (default all), for a test whose concern is some of them. ``ids``: a
+    function of a case's values giving its test id (default pytest's).
     """
     cases = [tuple(c) for c in cases]
     over = range(len(cases[0])) if over is None else over
@@ -104,7 +105,8 @@ def covering(cases, strength=2, over=None):
         best = max(range(len(cases)), key=lambda k: len(combos[k] & uncovered))
         keep.add(best)
         uncovered -= combos[best]
-    return [pytest.param(*c, marks=() if k in keep else pytest.mark.slow) for k, c in enumerate(cases)]
+    return [pytest.param(*c, marks=() if k in keep else pytest.mark.slow, id=ids(*c) if ids else None)
+            for k, c in enumerate(cases)]
 
 
 @pytest.fixture

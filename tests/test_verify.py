@@ -104,8 +104,8 @@ PLANTED = {
 
 
 # Fast: each bug and each dtype once; the full suite plants every bug in both.
-@pytest.mark.parametrize("bug, dtype", [pytest.param(*p.values, marks=p.marks, id=f"{p.values[0]}-{p.values[1].__name__}")
-                                        for p in covering(itertools.product(sorted(PLANTED), DTYPES), 1)])
+@pytest.mark.parametrize("bug, dtype", covering(itertools.product(sorted(PLANTED), DTYPES), 1,
+                                                ids=lambda bug, dtype: f"{bug}-{dtype.__name__}"))
 def test_planted_bug_is_caught_at_its_leaf(bug, dtype):
     fn, culprits = PLANTED[bug]
     params, x, y = _setup(NET, dtype)
