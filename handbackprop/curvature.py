@@ -276,7 +276,8 @@ def _layer_diagonals(net: MLP, xs, squares, scale, per_example=False):
         if per_example:
             layer = {"w": (x * x)[:, :, None] * sq[:, None, :], "b": sq}
         else:
-            layer = {"w": scale * batch_outer(x * x, sq), "b": scale * jnp.sum(sq, axis=0)}
+            # scale on x^2, which is formed anyway: no pass over the (d_{l-1}, d_l) diagonal
+            layer = {"w": batch_outer(scale * x * x, sq), "b": scale * jnp.sum(sq, axis=0)}
         out.append(layer if net.bias else {"w": layer["w"]})
     return tuple(out)
 
