@@ -14,6 +14,10 @@ Every gradient of the library takes one path: per-batch sums first, then one fin
     shard    ``parallel.sharded_sums``: the same sums per device, one ``psum``;
     finish   :func:`finish`: ``(sum + noise) / batch + l2 W``, in the parameters' dtypes.
 
+Where nothing is added to the sums (:func:`value_and_backprop`), the mean's 1/B is put on
+delta^(L) instead (``batch_sums(..., scale=1/B)``, ``finish(..., 1)``), as ``jax.grad`` puts it
+on its cotangent: (B, d_L) multiplications rather than a pass over all P gradient entries.
+
 One home for each rule: (3.4)-(3.5) in :func:`delta_recursion` and :func:`backward`, (3.6)
 in :func:`gradient_sums`, the mean/sum reduction in :func:`divisor`, the L2 term in
 :func:`l2_penalty` and :func:`add_l2_gradient`, the gradients' dtypes in

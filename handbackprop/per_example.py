@@ -78,13 +78,15 @@ def _norm_parts(net: MLP, xs, ds):
     return s, r, jnp.isfinite(s) & jnp.isfinite(r)
 
 
-def _measure(net: MLP, xs, ds, clip=1.0):
+def _measure(net: MLP, xs, ds, clip=1.0, again=None):
     """``(norms, finite, c)``, each (B,): ``||g_b||`` (NaN where g_b is not finite), whether it
     is finite, and the clipping factor ``c_b = min(1, clip / ||g_b||)`` (0 where not finite).
 
     The plain squared norms ``sum_l ||delta_b^(l)||^2 (||x_b^(l-1)||^2 + [bias])``, unless one
     of them is not finite (an overflow, a NaN or an Inf): then, behind ``lax.cond`` so that
-    the usual case pays nothing more, the scaled form of :func:`_norm_parts`.
+    the usual case pays nothing more, the scaled form of :func:`_norm_parts`. ``again``: a
+    function giving ``(xs, ds)`` anew for that branch, so that a caller who needs nothing but
+    the norms lets each delta go once it is summed (else the branch keeps them all alive).
     """
     sq = sum(jnp.sum(d * d, axis=1) * (jnp.sum(a * a, axis=1) + (1.0 if net.bias else 0.0))
              for a, d in zip(xs, ds))
@@ -95,7 +97,7 @@ def _measure(net: MLP, xs, ds, clip=1.0):
         return norms, jnp.isfinite(sq), clip / jnp.maximum(norms, clip)  # all True here
 
     def scaled():
-        s, r, finite = _norm_parts(net, xs, ds)
+        s, r, finite = _norm_parts(net, *(again() if again else (xs, ds)))
         # min(1, C / (S R)) as (C / S) / R, so that a norm beyond the float range still clips.
         c = jnp.where(s > 0, jnp.minimum(1, clip / jnp.where(s > 0, s, 1) / jnp.maximum(r, 1)), 1)
         return jnp.where(finite, s * r, jnp.nan), finite, jnp.where(finite, c, 0)
@@ -173,8 +175,13 @@ def per_example_grad_norms(net: MLP, params, x, y):
       >>> hbp.per_example_grad_norms(net, params, x, jnp.zeros((2, 2))).shape
       (2,)
     """
-    cache, _, ds = forward_backward(net, params, x, y)
-    return _measure(net, cache.xs[:-1], ds)[0]
+    def passes():
+        cache, _, ds = forward_backward(net, params, x, y)
+        return cache.xs[:-1], ds
+
+    # The overflow-safe branch redoes the passes (rarely taken), so that the usual case holds
+    # a backprop's memory: keeping every delta for it cost 1.66x a backprop's temporaries.
+    return _measure(net, *passes(), again=passes)[0]
 
 
 class ClippedGrad(NamedTuple):
