@@ -17,7 +17,7 @@ times are ratios to one ``backprop`` on the same inputs, interleaved in one proc
 
 For the two products the summary also holds the ratio of XLA's own count of each route's
 flops and bytes (``common.compiled_cost``): both routes compile to the same matrix products, so
-their time ratio sits at 1, where run-to-run noise (about +-4% here) decides the third digit.
+their time ratio sits at 1, where run-to-run noise (about +-1% here) decides the third digit.
 
 Then ``diag_hessian`` against ``jnp.diag(jax.hessian(loss))`` on ``MLP((w, w, w))`` (tanh,
 squared error, batch 16) as the parameter count n grows, with growth exponents fitted (least
